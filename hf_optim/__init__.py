@@ -1,0 +1,38 @@
+"""hf_optim: carry one Hugging Face LLM through training, compression, export, monitoring and publishing.
+
+Public names are imported lazily so that ``import hf_optim`` (and the ``hf-optim`` command line) stays fast.
+
+Example:
+    >>> import hf_optim
+    >>> report = hf_optim.estimate_memory("path/to/model", strategy="zero3", num_gpus=8)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY_EXPORTS = {
+    "TrainConfig": "hf_optim.training.config",
+    "estimate_memory": "hf_optim.training.memory",
+    "MemoryEstimate": "hf_optim.training.memory",
+    "collect_environment": "hf_optim.core.env",
+}
+
+__all__ = ["__version__", *_LAZY_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hf_optim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

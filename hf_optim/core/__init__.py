@@ -1,0 +1,1 @@
+"""Utilities shared by every stage: configuration files, atomic writes, errors, environment report."""
