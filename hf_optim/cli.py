@@ -50,6 +50,8 @@ def _add_estimate_memory(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-every-n-layers", type=int, default=2, help="With selective checkpointing.")
     parser.add_argument("--mixed-precision", default="bf16", help="no (fp32), bf16, fp16 or fp8.")
     parser.add_argument("--optimizer", default="adamw", help="adamw (2 states) or sgd (momentum, 1 state).")
+    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa (transformers' default) or eager.")
+    parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own config/modeling code.")
     parser.add_argument("--gpu-memory", default=None, help="Memory per GPU, e.g. 80GiB or 24GB: pick the cheapest strategy that fits.")
     parser.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
     parser.set_defaults(handler=_run_estimate_memory)

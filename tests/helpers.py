@@ -48,3 +48,29 @@ def local_tokenizer(vocab_size: int = 512):
     from hf_optim.training.data import builtin_corpus, train_tokenizer
 
     return train_tokenizer(builtin_corpus(), vocab_size=vocab_size)
+
+
+def unevenly_padded_sequences(count: int, vocab_size: int = 512, max_len: int = 24, seed: int = 0):
+    """``count`` token sequences of very different lengths (4 … max_len), as a list of 1-D tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, max_len + 1, (count,), generator=generator)
+    return [torch.randint(2, vocab_size, (int(n),), generator=generator) for n in lengths]
+
+
+def right_padded_batch(sequences, pad_id: int = 1) -> dict:
+    """Stack sequences into ``input_ids``/``attention_mask``, right-padded to the longest one."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = seq
+        attention_mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

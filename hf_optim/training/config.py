@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 42
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None  # if set, gradient_accumulation_steps is derived from it
     max_steps: int = 100
     learning_rate: float = 3e-4
     weight_decay: float = 0.1
@@ -77,6 +78,18 @@ class TrainConfig:
     def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
         """Read a recipe YAML (or nothing) and apply ``key=value`` overrides."""
         return load_config(cls, path, overrides)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank, derived from ``global_batch_size`` when that is set."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size "
+                f"({self.micro_batch_size}) x processes ({world_size}) = {per_step}; pick a multiple of {per_step}."
+            )
+        return self.global_batch_size // per_step
 
     def to_yaml(self) -> str:
         """YAML text that :meth:`load` turns back into an equal config."""

@@ -1,0 +1,114 @@
+"""Print the memory estimator next to what a Llama really holds on CPU, for a few configs (table, optional JSON).
+
+Measured: exact parameter / gradient / AdamW-state sums after one step (fp32 runs), bytes autograd saves for backward
+(saved_tensors_hooks, storages deduplicated) plus one block's recompute under checkpointing, and the peak-RSS growth
+of one training step in a fresh process (fp32 runs; it also sees transient buffers the estimate leaves out).
+
+Example:
+    $ .venv/bin/python scripts/check_memory_estimate.py --json-out outputs/memory_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_optim.training.memory import estimate_memory  # noqa: E402
+from tests.test_memory import enable_checkpointing, recompute_bytes, saved_activation_bytes, state_bytes  # noqa: E402
+
+SIZES = {"hidden": 256, "layers": 4, "vocab_size": 4096}
+BATCH, SEQ = 4, 256
+CONFIGS = [  # (attention, checkpointing, precision)
+    ("sdpa", "off", "no"), ("sdpa", "selective", "no"), ("sdpa", "full", "no"), ("eager", "off", "no"),
+    ("sdpa", "off", "bf16"), ("sdpa", "full", "bf16"),
+]
+
+
+def _model(attn: str, precision: str):
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", **SIZES), attn_implementation=attn)
+    return model.to(torch.float32 if precision == "no" else torch.bfloat16).train()
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def _rss_step(attn: str, mode: str, precision: str) -> dict[str, int]:
+    """In a fresh process: peak RSS of a steady-state AdamW step above the bare model, and the exact model-state
+    sums (Linux: reads /proc/self/status)."""
+    torch.set_num_threads(1)
+    model = _model(attn, precision)
+    enable_checkpointing(model, mode, every_n=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
+    baseline = _status_kib("VmRSS")  # parameters (and the interpreter), nothing else yet
+    for _ in range(2):  # the first step creates the AdamW states; gradients stay allocated, as DDP/ZeRO buffers do
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) so it covers this step only
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    return {"rss_step_delta": (_status_kib("VmHWM") - baseline) * 1024, **state_bytes(model, optimizer)}
+
+
+def check(attn: str, mode: str, precision: str) -> dict:
+    est = estimate_memory(_model(attn, precision).config, mixed_precision=precision, batch_size=BATCH, seq_len=SEQ,
+                          gradient_checkpointing=mode, attn_implementation=attn)
+    ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
+    model = _model(attn, precision)
+    acts = saved_activation_bytes(model, ids) if not enable_checkpointing(model, mode, 2) else (
+        saved_activation_bytes(model, ids) + recompute_bytes(_model(attn, precision), ids))
+    row = {"config": f"{attn}/{mode}/{'fp32' if precision == 'no' else precision}",
+           "estimate": {**est.gpu, "total": est.gpu_total}, "measured": {"activations": acts}}
+    if precision == "no":  # the ZeRO accounting of 16-bit states assumes an fp32 master copy a bf16 model lacks
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            measured = pool.apply(_rss_step, (attn, mode, precision))
+        row["measured"].update(measured)
+        row["estimate"]["step_growth"] = sum(est.gpu[k] for k in ("gradients", "optimizer_states", "activations"))
+    return row
+
+
+def _error(estimate: int, measured: int | None) -> str:
+    return "" if measured is None else f"{(estimate - measured) / measured:+.2%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json-out", type=Path, help="Also write the rows as JSON here.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # glibc keeps freed blocks below its (adaptive) mmap threshold in RSS; a fixed low one makes RSS follow live tensors
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    rows = [check(*config) for config in CONFIGS]
+    print(f"Llama {SIZES}, batch {BATCH} x {SEQ} tokens; MiB estimate / measured (error)")
+    columns = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer_states", "optimizer_states"),
+               ("activations", "activations"), ("step_growth", "rss_step_delta")]
+    print(f"{'config':<20}" + "".join(f"{name:>30}" for name, _ in columns))
+    for row in rows:
+        cells = []
+        for est_key, meas_key in columns:
+            est, meas = row["estimate"].get(est_key), row["measured"].get(meas_key)
+            cells.append("-" if meas is None else f"{est / 2**20:.2f}/{meas / 2**20:.2f} ({_error(est, meas)})")
+        print(f"{row['config']:<20}" + "".join(f"{cell:>30}" for cell in cells))
+    print("step_growth = gradients + optimizer states + activations vs the peak RSS of a second training step above "
+          "the bare model (fresh process).")
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({"sizes": SIZES, "batch": BATCH, "seq_len": SEQ, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
