@@ -69,20 +69,17 @@ def check(attn: str, mode: str, precision: str) -> dict:
                           gradient_checkpointing=mode, attn_implementation=attn)
     ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
     model = _model(attn, precision)
-    acts = saved_activation_bytes(model, ids) if not enable_checkpointing(model, mode, 2) else (
-        saved_activation_bytes(model, ids) + recompute_bytes(_model(attn, precision), ids))
-    row = {"config": f"{attn}/{mode}/{'fp32' if precision == 'no' else precision}",
-           "estimate": {**est.gpu, "total": est.gpu_total}, "measured": {"activations": acts}}
+    checkpointed = enable_checkpointing(model, mode, every_n=2)
+    detail = est.activation_detail
+    estimate = {**est.gpu, "stored_activations": detail["layers"] + detail["head"], "recompute": detail["recompute"]}
+    measured = {"stored_activations": saved_activation_bytes(model, ids),
+                "recompute": recompute_bytes(_model(attn, precision), ids) if checkpointed else 0}
     if precision == "no":  # the ZeRO accounting of 16-bit states assumes an fp32 master copy a bf16 model lacks
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            measured = pool.apply(_rss_step, (attn, mode, precision))
-        row["measured"].update(measured)
-        row["estimate"]["step_growth"] = sum(est.gpu[k] for k in ("gradients", "optimizer_states", "activations"))
-    return row
-
-
-def _error(estimate: int, measured: int | None) -> str:
-    return "" if measured is None else f"{(estimate - measured) / measured:+.2%}"
+            measured.update(pool.apply(_rss_step, (attn, mode, precision)))
+        estimate["step_growth"] = sum(est.gpu[k] for k in ("gradients", "optimizer_states", "activations"))
+    label = f"{attn}/{mode}/{'fp32' if precision == 'no' else precision}"
+    return {"config": label, "estimate": estimate, "measured": measured}
 
 
 def main() -> None:
@@ -95,16 +92,18 @@ def main() -> None:
     rows = [check(*config) for config in CONFIGS]
     print(f"Llama {SIZES}, batch {BATCH} x {SEQ} tokens; MiB estimate / measured (error)")
     columns = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer_states", "optimizer_states"),
-               ("activations", "activations"), ("step_growth", "rss_step_delta")]
-    print(f"{'config':<20}" + "".join(f"{name:>30}" for name, _ in columns))
+               ("stored_activations", "stored_activations"), ("recompute", "recompute"),
+               ("step_growth", "rss_step_delta")]
+    print(f"{'config':<20}" + "".join(f"{name:>26}" for name, _ in columns))
     for row in rows:
         cells = []
         for est_key, meas_key in columns:
             est, meas = row["estimate"].get(est_key), row["measured"].get(meas_key)
-            cells.append("-" if meas is None else f"{est / 2**20:.2f}/{meas / 2**20:.2f} ({_error(est, meas)})")
-        print(f"{row['config']:<20}" + "".join(f"{cell:>30}" for cell in cells))
-    print("step_growth = gradients + optimizer states + activations vs the peak RSS of a second training step above "
-          "the bare model (fresh process).")
+            error = f" ({(est - meas) / meas:+.1%})" if meas else ""
+            cells.append("-" if meas is None else f"{est / 2**20:.2f}/{meas / 2**20:.2f}{error}")
+        print(f"{row['config']:<20}" + "".join(f"{cell:>26}" for cell in cells))
+    print("step_growth: gradients + optimizer states + peak activations (stored + the larger of the loss gradients "
+          "and one recompute) vs the peak RSS of a second training step above the bare model (fresh process).")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({"sizes": SIZES, "batch": BATCH, "seq_len": SEQ, "rows": rows}, indent=2))

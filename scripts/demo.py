@@ -26,8 +26,8 @@ DEMO_MODEL = [
     "model_config.max_position_embeddings=512", "model_config.vocab_size=4096",
 ]
 DEMO_TRAINING = [
-    "block_size=128", "micro_batch_size=16", "gradient_accumulation_steps=1", "max_steps=150",
-    "learning_rate=2e-3", "warmup_steps=15", "validation_split=0.05", "eval_every_n_steps=50",
+    "block_size=128", "micro_batch_size=8", "gradient_accumulation_steps=1", "max_steps=200",
+    "learning_rate=2e-3", "warmup_steps=20", "validation_split=0.05", "eval_every_n_steps=50",
     "eval_max_batches=20", "save_every_n_steps=50", "keep_last_k=2", "log_every_n_steps=10",
 ]
 

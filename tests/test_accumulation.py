@@ -94,3 +94,17 @@ def test_accumulation_on_two_processes_matches_one_big_batch(tmp_path):
     assert saved["tokens"] == sum(len(s) - 1 for s in sequences)
     assert saved["loss"] == pytest.approx(ref_loss, rel=1e-6)
     _assert_same_grads(saved["grads"], ref_grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+def test_accumulation_is_exact_for_every_model_family(accelerator, family):
+    sequences = unevenly_padded_sequences(4, seed=2)
+    reference = tiny_model(family, seed=0)
+    batch = right_padded_batch(sequences)
+    labels = labels_from_batch(batch["input_ids"], batch["attention_mask"])
+    (summed_cross_entropy(reference(**batch).logits, labels) / count_target_tokens(labels)).backward()
+
+    accelerator.gradient_accumulation_steps = 2
+    model = accelerator.prepare(tiny_model(family, seed=0))
+    accumulate_gradients(accelerator, model, [right_padded_batch(sequences[:1]), right_padded_batch(sequences[1:])])
+    _assert_same_grads(_grads(model), _grads(reference))

@@ -110,3 +110,18 @@ def test_recipe_bad_input_gets_one_clear_line(corpus, tmp_path, overrides, messa
     proc = run_recipe(corpus, tmp_path / "bad", *overrides, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_recipe_fine_tunes_a_real_pretrained_model_from_a_local_folder(stories260k_dir, shared_dir, tmp_path):
+    """stories260K is a real pretrained Llama: its held-out TinyStories perplexity must stay near 4.5, not ~512."""
+    out = tmp_path / "finetune"
+    cmd = [
+        sys.executable, str(RECIPE), "--config", str(REPO_ROOT / "recipes" / "configs" / "stories260k_finetune.yaml"),
+        f"model={stories260k_dir}", f"train_files=[{shared_dir / 'corpora' / 'tinystories' / 'niklas6_tinystories.txt'}]",
+        f"output_dir={out}", "max_steps=3", "learning_rate=1e-5", "eval_max_batches=8", "save_every_n_steps=0",
+        "eval_every_n_steps=0",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 3.0 < summary["eval_perplexity"] < 8.0, summary

@@ -24,6 +24,7 @@ import yaml
 from hf_optim.core.errors import ConfigError
 
 T = TypeVar("T")
+_KIND = {int: "an integer", float: "a number", str: "a string"}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}={value!r} is not a boolean (use true/false).")
     if annotation in (int, float, str):
         if isinstance(value, bool) and annotation is not str:
-            raise ConfigError(f"{key}={value!r} must be a {annotation.__name__}, not a boolean.")
+            raise ConfigError(f"{key}={value!r} must be {_KIND[annotation]}, not a boolean.")
         try:
             if annotation is int and isinstance(value, (str, float)):
                 number = float(value)  # accepts "1e3" as well as "1000"
@@ -93,7 +94,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return int(number)
             return annotation(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} must be a {annotation.__name__}.") from None
+            raise ConfigError(f"{key}={value!r} must be {_KIND[annotation]}.") from None
     return value
 
 

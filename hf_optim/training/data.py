@@ -120,11 +120,19 @@ def load_text_dataset(
     return raw
 
 
-def pack_token_ids(documents: Iterable[list[int]], block_size: int, eos_token_id: int | None) -> list[list[int]]:
-    """Concatenate token lists (with EOS between documents) and cut into full blocks; the tail is dropped."""
-    stream = list(
-        itertools.chain.from_iterable(ids + ([eos_token_id] if eos_token_id is not None else []) for ids in documents)
-    )
+def pack_token_ids(
+    documents: Iterable[list[int]], block_size: int, eos_token_id: int | None, bos_token_id: int | None = None
+) -> list[list[int]]:
+    """Concatenate documents and cut into full blocks (the tail is dropped).
+
+    Each document boundary is marked once: by the BOS the tokenizer already put in front (Llama/SentencePiece
+    style), otherwise by an EOS appended after it (GPT-2 style).
+    """
+    def marked(ids: list[int]) -> list[int]:
+        starts_with_bos = bos_token_id is not None and ids[:1] == [bos_token_id]
+        return ids if starts_with_bos or eos_token_id is None else ids + [eos_token_id]
+
+    stream = list(itertools.chain.from_iterable(marked(ids) for ids in documents))
     usable = len(stream) // block_size * block_size
     return [stream[i : i + block_size] for i in range(0, usable, block_size)]
 
@@ -143,8 +151,8 @@ def build_lm_datasets(
     raw = load_text_dataset(train_files, dataset_name, dataset_config, text_column, validation_split, seed)
 
     def tokenize_and_pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
-        return {"input_ids": pack_token_ids(ids, block_size, tokenizer.eos_token_id)}
+        ids = tokenizer(batch[text_column])["input_ids"]
+        return {"input_ids": pack_token_ids(ids, block_size, tokenizer.eos_token_id, tokenizer.bos_token_id)}
 
     packed = raw.map(tokenize_and_pack, batched=True, batch_size=1000, remove_columns=[text_column])
     if len(packed["train"]) == 0:

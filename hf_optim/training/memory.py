@@ -6,15 +6,15 @@ training keeps 4Ψ + 4Ψ + 8Ψ. ZeRO-1 partitions the optimizer states over the 
 ZeRO-3 (and FSDP full shard) the parameters too. ``offload`` moves the optimizer states, and for ZeRO-3/FSDP the
 parameters, to CPU memory. (torch autocast with fp32 weights holds 4Ψ + 4Ψ + 8Ψ: a different split, the same 16Ψ.)
 
-Activations follow Korthikanti et al. (2022), whose GPT block stores s·b·h·(34 + 5·a·s/h) bytes at 16-bit, recounted
-tensor by tensor for the Llama-style blocks of transformers 5 (RMSNorm, GQA attention, SwiGLU MLP, no dropout) and
-checked against the tensors autograd really saves (tests/test_memory.py). The default attention is transformers 5's
-default, ``sdpa``: its flash kernels keep a logsumexp per head and token, never the a·s² score matrix, which
-``eager`` stores (as fp32 softmax, plus a 16-bit copy in 16-bit training). Activations are counted in the training
-dtype (a bf16 model, as DeepSpeed and FSDP mixed precision run it) with transformers' fp32 upcasts (RMSNorm input,
-loss log-probabilities), plus the larger backward transient: the loss' fp32 gradients or one block's recompute.
-Not counted: CUDA context, allocator fragmentation, communication buckets and the small per-block gradient buffers
-of backward; hence a strategy "fits" only under ``1 - HEADROOM`` of the GPU memory.
+Activations follow Korthikanti et al. (2022), whose GPT block stores s·b·h·(34 + 5·a·s/h) bytes at 16-bit,
+recounted tensor by tensor for the Llama-style blocks of transformers 5 (RMSNorm, GQA attention, SwiGLU MLP, no
+dropout) and checked against the tensors autograd really saves (tests/test_memory.py). Attention defaults to
+transformers 5's default, ``sdpa``: with no padding mask its flash kernels keep q, k, v (at the KV heads' width), the
+output and a logsumexp, never the a·s² scores that ``eager`` stores (fp32 softmax, plus a 16-bit copy in 16-bit
+training). Activations are in the training dtype (a bf16 model, as DeepSpeed and FSDP mixed precision run it) with
+transformers' fp32 upcasts (RMSNorm input, loss log-probabilities), plus the larger backward transient: the loss'
+fp32 gradients or one block's recompute. Not counted: CUDA context, fragmentation, communication buckets and the
+small per-block gradient buffers of backward; hence a strategy "fits" only under ``1 - HEADROOM`` of the GPU memory.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_optim.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 PRECISIONS = ("no", "bf16", "fp16", "fp8")
@@ -36,7 +39,7 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors per paramet
 ATTENTION = ("sdpa", "eager")
 HEADROOM = 0.10
 GIB = 1024**3
-_UNITS = {"": None, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations")
@@ -47,6 +50,7 @@ class ModelShape:
     """What the accounting needs to know about a causal LM; ``num_params`` counts tied weights once."""
 
     name: str
+    model_type: str
     num_params: int
     block_params: int  # parameters of the largest decoder block (what ZeRO-3/FSDP gathers at once)
     num_layers: int
@@ -59,10 +63,9 @@ class ModelShape:
     gated_mlp: bool
 
 
-def _choice(name: str, value: str, valid: tuple[str, ...] | dict) -> str:
+def _choice(name: str, value: str, valid: tuple[str, ...] | dict) -> None:
     if value not in valid:
         raise ConfigError(f"Unknown {name} {value!r}; valid values: {', '.join(valid)}.")
-    return value
 
 
 def parse_memory_size(text: str) -> int:
@@ -74,7 +77,7 @@ def parse_memory_size(text: str) -> int:
     """
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS or _UNITS[unit] is None or float(match.group(1)) <= 0:
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
         raise ConfigError(f"Cannot read GPU memory {text!r}: give a positive size with a unit, e.g. 80GiB or 24GB.")
     return int(float(match.group(1)) * _UNITS[unit])
 
@@ -117,7 +120,7 @@ def _load_config(spec: Any, trust_remote_code: bool) -> tuple[str, Any]:
         ) from None
 
 
-def load_model_shape(spec: Any, trust_remote_code: bool = False) -> ModelShape:
+def load_model_shape(spec: str | Path | PretrainedConfig, trust_remote_code: bool = False) -> ModelShape:
     """Count parameters exactly by building the model on the meta device (no weights are read or allocated).
 
     Example:
@@ -138,6 +141,7 @@ def load_model_shape(spec: Any, trust_remote_code: bool = False) -> ModelShape:
     hidden, heads = text.hidden_size, text.num_attention_heads
     return ModelShape(
         name=name,
+        model_type=config.model_type,
         num_params=sum(p.numel() for p in model.parameters()),  # parameters() yields a tied weight once
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         num_layers=text.num_hidden_layers,
@@ -152,7 +156,12 @@ def load_model_shape(spec: Any, trust_remote_code: bool = False) -> ModelShape:
 
 
 def model_state_bytes(num_params: int, mixed_precision: str, optimizer: str) -> dict[str, int]:
-    """Unpartitioned parameter, gradient and optimizer bytes of one replica (ZeRO paper accounting)."""
+    """Unpartitioned parameter, gradient and optimizer bytes of one replica (ZeRO paper accounting).
+
+    Example:
+        >>> model_state_bytes(1000, "bf16", "adamw")
+        {'parameters': 2000, 'gradients': 2000, 'optimizer_states': 12000}
+    """
     states = OPTIMIZER_STATES[optimizer]
     if mixed_precision == "no":
         return {"parameters": 4 * num_params, "gradients": 4 * num_params, "optimizer_states": 4 * states * num_params}
@@ -164,7 +173,13 @@ def model_state_bytes(num_params: int, mixed_precision: str, optimizer: str) -> 
 def partition_states(
     states: dict[str, int], strategy: str, num_gpus: int, offload: bool, gathered_params: int
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """(per-GPU, CPU per rank) model-state bytes; ``gathered_params`` is what ZeRO-3/FSDP unshards at once."""
+    """(per-GPU, CPU per rank) model-state bytes; ``gathered_params`` is what ZeRO-3/FSDP unshards at once.
+
+    Example:
+        >>> gpu, cpu = partition_states({"parameters": 8, "gradients": 8, "optimizer_states": 48}, "zero2", 4, True, 0)
+        >>> gpu, cpu["optimizer_states"]
+        ({'parameters': 8, 'gradients': 2, 'optimizer_states': 0}, 12)
+    """
     sharded = {"ddp": (), "zero1": ("optimizer_states",), "zero2": ("optimizer_states", "gradients")}.get(
         strategy, ("optimizer_states", "gradients", "parameters"))
     per_rank = {k: math.ceil(v / num_gpus) if k in sharded else v for k, v in states.items()}
@@ -192,7 +207,7 @@ def activation_bytes(
     shape: ModelShape, batch_size: int, seq_len: int, mixed_precision: str = "bf16",
     checkpointing: str = "off", every_n: int = 2, attn_implementation: str = "sdpa",
 ) -> dict[str, int]:
-    """Activation bytes by part; the peak is ``layers + head + max(loss_grad, recompute)`` (see :func:`peak_activations`).
+    """Activation bytes by part; their peak is :func:`peak_activations` (stored + the larger transient).
 
     Keys: ``layers`` and ``head`` (what the decoder blocks, resp. ids, rotary tables, final norm, logits and fp32
     log-probabilities keep for backward), ``loss_grad`` (fp32 gradients of log-probs and logits, alive together at
@@ -234,6 +249,7 @@ class MemoryEstimate:
     gpu: dict[str, int]
     cpu: dict[str, int]
     activation_detail: dict[str, int]
+    notes: list[str] = dataclasses.field(default_factory=list)
     recommendation: dict[str, Any] | None = None
 
     @property
@@ -253,6 +269,7 @@ class MemoryEstimate:
             "cpu_per_rank_bytes": {**self.cpu, "total": self.cpu_total},
             "cpu_all_ranks_bytes": self.cpu_total * self.settings["num_gpus"],
             "activation_detail_bytes": dict(self.activation_detail),
+            "notes": list(self.notes),
             "recommendation": self.recommendation,
         }
 
@@ -275,6 +292,7 @@ class MemoryEstimate:
         if self.cpu_total:
             lines.append(f"CPU memory for all {s['num_gpus']} ranks: {self.cpu_total * s['num_gpus'] / GIB:.2f} GiB")
         lines.append("Not counted: CUDA context, fragmentation, communication buckets (keep the headroom).")
+        lines += self.notes
         if self.recommendation is not None:
             lines += ["", self.recommendation["message"]]
         return "\n".join(lines)
@@ -299,12 +317,16 @@ def _validate(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _estimate(shape: ModelShape, s: dict[str, Any]) -> MemoryEstimate:
     states = model_state_bytes(shape.num_params, s["mixed_precision"], s["optimizer"])
-    gathered = 2 * shape.block_params * states["parameters"] // max(shape.num_params, 1)
+    param_bytes = states["parameters"] // max(shape.num_params, 1)  # 2 (16-bit) or 4 (fp32)
+    gathered = 2 * shape.block_params * param_bytes
     gpu, cpu = partition_states(states, s["strategy"], s["num_gpus"], s["offload"], gathered)
     detail = activation_bytes(shape, s["batch_size"], s["seq_len"], s["mixed_precision"],
                               s["gradient_checkpointing"], s["checkpoint_every_n_layers"], s["attn_implementation"])
     gpu["activations"], cpu["activations"] = peak_activations(detail), 0
-    return MemoryEstimate(shape, s, gpu, cpu, detail)
+    notes = [] if shape.gated_mlp else [  # the per-tensor count was checked on Llama, Mistral and Qwen2 blocks
+        f"Activations are counted for Llama-style blocks (RMSNorm, gated MLP); for {shape.model_type} blocks they are "
+        "only an approximation (e.g. GPT-2's python GELU saves more)."]
+    return MemoryEstimate(shape, s, gpu, cpu, detail, notes)
 
 
 def recommend(shape: ModelShape, settings: dict[str, Any], gpu_memory: int) -> dict[str, Any]:
@@ -343,8 +365,8 @@ def recommend(shape: ModelShape, settings: dict[str, Any], gpu_memory: int) -> d
 
 
 def estimate_memory(
-    model: Any, strategy: str = "ddp", *, offload: bool = False, num_gpus: int = 1, batch_size: int = 1,
-    seq_len: int = 2048, gradient_checkpointing: str = "off", checkpoint_every_n_layers: int = 2,
+    model: str | Path | PretrainedConfig, strategy: str = "ddp", *, offload: bool = False, num_gpus: int = 1,
+    batch_size: int = 1, seq_len: int = 2048, gradient_checkpointing: str = "off", checkpoint_every_n_layers: int = 2,
     mixed_precision: str = "bf16", optimizer: str = "adamw", attn_implementation: str = "sdpa",
     gpu_memory: str | int | None = None, trust_remote_code: bool = False,
 ) -> MemoryEstimate:

@@ -9,8 +9,9 @@ so token counts differ between micro-batches and ranks.
 Rank 0 writes into --out: result.json (per-step losses, strategy, timings), final_state.pt (full trained weights),
 probe_logits.pt (eval-mode logits of the prepared, possibly sharded, model) and model/ (save_consolidated_model).
 
-Run by hand:
-    accelerate launch --config_file accelerate_configs/zero3.yaml tests/workers/train_worker.py --out /tmp/zero3
+Run by hand (after saving tests.helpers.tiny_model("llama") with save_pretrained into /tmp/tiny):
+    accelerate launch --config_file accelerate_configs/zero3.yaml tests/workers/train_worker.py --model /tmp/tiny \
+        --out /tmp/zero3
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hf_optim.training.accelerator import (  # noqa: E402
     save_consolidated_model,
     strategy_name,
 )
-from tests.helpers import tiny_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 PAD_ID = 1
 
@@ -57,6 +58,7 @@ def synthetic_rows(num_rows: int, seq_len: int, vocab_size: int, seed: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", required=True, help="A Hugging Face model folder (the tests save a tiny Llama).")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=2, help="Rows per rank per micro-batch.")
     parser.add_argument("--grad-accum", type=int, default=2)
@@ -73,7 +75,8 @@ def main() -> None:
         max_grad_norm=args.max_grad_norm,
     )
     world = accelerator.num_processes
-    model = tiny_model("llama", seed=0)
+    # Loaded after the Accelerator, as the recipe does: under ZeRO-3 transformers then partitions it while loading.
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
     vocab_size = model.config.vocab_size
     rows_per_step = args.rows_per_step or args.micro_batch * args.grad_accum * world
     rows = synthetic_rows(args.steps * rows_per_step, args.seq_len, vocab_size, seed=1234)
