@@ -20,6 +20,24 @@ _LAZY_EXPORTS = {
     "estimate_memory": "hf_optim.training.memory",
     "MemoryEstimate": "hf_optim.training.memory",
     "collect_environment": "hf_optim.core.env",
+    # compression
+    "prune": "hf_optim.compression.api",
+    "quantize": "hf_optim.compression.api",
+    "cluster": "hf_optim.compression.api",
+    "save_optimized": "hf_optim.compression.storage",
+    "load_optimized": "hf_optim.compression.storage",
+    "MagnitudeConfig": "hf_optim.compression.configs",
+    "WandaConfig": "hf_optim.compression.configs",
+    "SparseGPTConfig": "hf_optim.compression.configs",
+    "StructuredPruneConfig": "hf_optim.compression.configs",
+    "ClusterConfig": "hf_optim.compression.configs",
+    "Int8WeightOnlyConfig": "hf_optim.compression.configs",
+    "Int4WeightOnlyConfig": "hf_optim.compression.configs",
+    "BnbInt8Config": "hf_optim.compression.quantization",
+    "BnbInt4Config": "hf_optim.compression.quantization",
+    "TorchAoInt8WeightOnlyConfig": "hf_optim.compression.quantization",
+    "TorchAoInt8DynamicConfig": "hf_optim.compression.quantization",
+    "TorchAoInt4WeightOnlyConfig": "hf_optim.compression.quantization",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

@@ -52,9 +52,108 @@ def _add_estimate_memory(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--optimizer", default="adamw", help="adamw (2 states) or sgd (momentum, 1 state).")
     parser.add_argument("--attn-implementation", default="sdpa", help="sdpa (transformers' default) or eager.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own config/modeling code.")
+    parser.add_argument("--autocast", action="store_true", help="ddp under autocast, fp32 weights (Accelerate's bf16).")
     parser.add_argument("--gpu-memory", default=None, help="Memory per GPU, e.g. 80GiB or 24GB: pick the cheapest strategy that fits.")
     parser.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
     parser.set_defaults(handler=_run_estimate_memory)
+
+
+def _load_model_and_tokenizer(model_path: str, trust_remote_code: bool = False):
+    """A local folder written by hf_optim (packed weights decoded) or any Transformers causal LM folder / Hub id."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_optim.compression.storage import load_optimized
+
+    if Path(model_path).is_dir():
+        model = load_optimized(model_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code, dtype="float32")
+    return model, AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    width = max(len(key) for key in report)
+    for key, value in report.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        print(f"{key:<{width}}  {value}")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from hf_optim.core.evaluation import evaluate_perplexity, generation_speed, parameter_stats, size_on_disk
+    from hf_optim.core.texts import load_texts
+
+    texts = load_texts(args.data, text_column=args.text_column) if args.data else None
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.trust_remote_code)
+    report: dict = {"model": args.model}
+    from pathlib import Path
+
+    if Path(args.model).exists():
+        report["size_bytes"] = size_on_disk(args.model)
+    report.update(parameter_stats(model))
+    if texts is not None:
+        context = min(getattr(model.config, "max_position_embeddings", 1024) or 1024, 1024)
+        max_length = args.max_length or context
+        stride = args.stride or max(1, max_length // 2)
+        report["perplexity"] = evaluate_perplexity(model, tokenizer, texts, max_length, stride, args.max_tokens)
+        report["perplexity_window"] = {"max_length": max_length, "stride": stride}
+    if not args.no_speed:
+        report["speed"] = generation_speed(model, tokenizer, args.prompt_tokens, args.new_tokens)
+    _print_report(report, args.json)
+    return 0
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="Perplexity (strided sliding window), size on disk, parameters, sparsity and generation speed."
+    )
+    parser.add_argument("model", help="A model folder (plain Transformers or written by hf_optim) or a Hub id.")
+    parser.add_argument("--data", help="A .txt (blank-line separated documents) or .jsonl file, or a dataset name.")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--max-length", type=int, default=None, help="Window length (default: model context, <= 1024).")
+    parser.add_argument("--stride", type=int, default=None, help="Window step (default: max-length / 2).")
+    parser.add_argument("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--no-speed", action="store_true", help="Skip the generation latency/throughput measurement.")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", action="store_true", help="Print machine-readable JSON.")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from hf_optim.compression.recipe import CompressionRecipe
+    from hf_optim.compression.storage import save_optimized
+    from hf_optim.core.texts import load_texts
+
+    recipe = CompressionRecipe.from_yaml(args.recipe)  # validated before the model is loaded
+    texts = load_texts(args.calibration_data) if args.calibration_data else None
+    if recipe.needs_calibration and texts is None:
+        names = [step.method for step in recipe.steps if step.needs_calibration]
+        print(f"hf-optim compress: error: steps {names} need --calibration-data FILE", file=sys.stderr)
+        return 2
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.trust_remote_code)
+    recipe.apply(model, tokenizer, texts)
+    out = save_optimized(model, args.output, tokenizer=tokenizer, base_model=args.model)
+    print(f"Saved the compressed model to {out}")
+    return 0
+
+
+def _add_compress(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("compress", help="Apply a compression recipe (prune/quantize/cluster steps) and save.")
+    parser.add_argument("model", help="A model folder or a Hub id.")
+    parser.add_argument("--recipe", required=True, help="Compression recipe YAML (a `steps:` list).")
+    parser.add_argument("--output", required=True, help="Folder to write the compressed model to.")
+    parser.add_argument("--calibration-data", help="A .txt or .jsonl file (or dataset name) for data-aware methods.")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.set_defaults(handler=_run_compress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_env(subparsers)
     _add_estimate_memory(subparsers)
+    _add_eval(subparsers)
+    _add_compress(subparsers)
     return parser
 
 

@@ -1,8 +1,9 @@
 """Print the memory estimator next to what a Llama really holds on CPU, for a few configs (table, optional JSON).
 
-Measured: exact parameter / gradient / AdamW-state sums after one step (fp32 runs), bytes autograd saves for backward
-(saved_tensors_hooks, storages deduplicated) plus one block's recompute under checkpointing, and the peak-RSS growth
-of one training step in a fresh process (fp32 runs; it also sees transient buffers the estimate leaves out).
+Measured: exact parameter / gradient / AdamW-state sums after one step, bytes autograd saves for backward
+(saved_tensors_hooks, storages deduplicated) plus one block's recompute under checkpointing, and the peak RSS of a
+steady-state training step above the bare model, in a fresh process (Linux). State sums and RSS are skipped for the
+bf16-model rows: the ZeRO accounting there assumes an fp32 master copy that a plain bf16 model does not have.
 
 Example:
     $ .venv/bin/python scripts/check_memory_estimate.py --json-out outputs/memory_check.json
@@ -22,25 +23,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hf_optim.training.activations import apply_activation_checkpointing  # noqa: E402
 from hf_optim.training.memory import estimate_memory  # noqa: E402
-from tests.test_memory import enable_checkpointing, recompute_bytes, saved_activation_bytes, state_bytes  # noqa: E402
+from tests.test_memory import recompute_bytes, saved_activation_bytes, state_bytes  # noqa: E402
 
 SIZES = {"hidden": 256, "layers": 4, "vocab_size": 4096}
 BATCH, SEQ = 4, 256
-CONFIGS = [  # (attention, checkpointing, precision)
+CONFIGS = [  # (attention, checkpointing, precision): "no" = fp32, "bf16" = a bf16 model, "autocast" = Accelerate's DDP
     ("sdpa", "off", "no"), ("sdpa", "selective", "no"), ("sdpa", "full", "no"), ("eager", "off", "no"),
-    ("sdpa", "off", "bf16"), ("sdpa", "full", "bf16"),
+    ("sdpa", "off", "bf16"), ("sdpa", "full", "bf16"), ("sdpa", "off", "autocast"),
 ]
 
 
 def _model(attn: str, precision: str):
+    from accelerate.utils import convert_outputs_to_fp32
     from transformers import AutoModelForCausalLM
 
     from tests.helpers import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", **SIZES), attn_implementation=attn)
-    return model.to(torch.float32 if precision == "no" else torch.bfloat16).train()
+    model.to(torch.bfloat16 if precision == "bf16" else torch.float32).train()
+    if precision == "autocast":  # what Accelerate's prepare() does with mixed_precision=bf16 under DDP
+        model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    return model
 
 
 def _status_kib(field: str) -> int:
@@ -52,7 +58,7 @@ def _rss_step(attn: str, mode: str, precision: str) -> dict[str, int]:
     sums (Linux: reads /proc/self/status)."""
     torch.set_num_threads(1)
     model = _model(attn, precision)
-    enable_checkpointing(model, mode, every_n=2)
+    apply_activation_checkpointing(model, mode, every_n_layers=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
     baseline = _status_kib("VmRSS")  # parameters (and the interpreter), nothing else yet
@@ -65,19 +71,24 @@ def _rss_step(attn: str, mode: str, precision: str) -> dict[str, int]:
 
 
 def check(attn: str, mode: str, precision: str) -> dict:
-    est = estimate_memory(_model(attn, precision).config, mixed_precision=precision, batch_size=BATCH, seq_len=SEQ,
+    model = _model(attn, precision)
+    est = estimate_memory(model.config, mixed_precision="bf16" if precision == "autocast" else precision,
+                          autocast=precision == "autocast", batch_size=BATCH, seq_len=SEQ,
                           gradient_checkpointing=mode, attn_implementation=attn)
     ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
-    model = _model(attn, precision)
-    checkpointed = enable_checkpointing(model, mode, every_n=2)
+    checkpointed = apply_activation_checkpointing(model, mode, every_n_layers=2)
     detail = est.activation_detail
     estimate = {**est.gpu, "stored_activations": detail["layers"] + detail["head"], "recompute": detail["recompute"]}
+    # autocast's 16-bit weight copies are saved tensors: compare them with the stored activations
+    cast_cache = est.gpu["parameters"] - 4 * est.model.num_params if precision == "autocast" else 0
+    estimate["parameters"] -= cast_cache
+    estimate["stored_activations"] += cast_cache
     measured = {"stored_activations": saved_activation_bytes(model, ids),
                 "recompute": recompute_bytes(_model(attn, precision), ids) if checkpointed else 0}
-    if precision == "no":  # the ZeRO accounting of 16-bit states assumes an fp32 master copy a bf16 model lacks
+    if precision != "bf16":  # the ZeRO accounting of 16-bit states assumes an fp32 master copy a bf16 model lacks
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             measured.update(pool.apply(_rss_step, (attn, mode, precision)))
-        estimate["step_growth"] = sum(est.gpu[k] for k in ("gradients", "optimizer_states", "activations"))
+        estimate["step_growth"] = cast_cache + sum(est.gpu[k] for k in ("gradients", "optimizer_states", "activations"))
     label = f"{attn}/{mode}/{'fp32' if precision == 'no' else precision}"
     return {"config": label, "estimate": estimate, "measured": measured}
 
@@ -104,6 +115,7 @@ def main() -> None:
         print(f"{row['config']:<20}" + "".join(f"{cell:>26}" for cell in cells))
     print("step_growth: gradients + optimizer states + peak activations (stored + the larger of the loss gradients "
           "and one recompute) vs the peak RSS of a second training step above the bare model (fresh process).")
+    print("autocast rows: the 16-bit weight copies autocast caches are saved tensors, so they count as stored here.")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({"sizes": SIZES, "batch": BATCH, "seq_len": SEQ, "rows": rows}, indent=2))

@@ -14,6 +14,7 @@ import torch
 
 from hf_optim.cli import main
 from hf_optim.core.errors import ConfigError
+from hf_optim.training.activations import apply_activation_checkpointing
 from hf_optim.training.memory import (
     checkpointed_layers,
     estimate_memory,
@@ -47,13 +48,6 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
         "gradients": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer_states": sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
     }
-
-
-def enable_checkpointing(model: torch.nn.Module, mode: str, every_n: int) -> list[int]:
-    """Checkpoint like the training recipe does; returns the indices of the layers that recompute."""
-    if mode != "off":
-        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=1 if mode == "full" else every_n)
-    return [i for i, layer in enumerate(model.model.layers) if layer.gradient_checkpointing]
 
 
 def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
@@ -134,8 +128,8 @@ def test_activation_estimate_matches_saved_tensors(attn, mode, precision):
     dtype = torch.float32 if precision == "no" else torch.bfloat16
     model = build_model(attn, dtype)
     ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
-    layers = enable_checkpointing(model, mode, every_n=2)
-    assert layers == checkpointed_layers(SIZES["layers"], mode, every_n=2)  # the estimator's rule is transformers'
+    layers = apply_activation_checkpointing(model, mode, every_n_layers=2)  # as the training recipe does
+    assert layers == checkpointed_layers(SIZES["layers"], mode, every_n=2)
     detail = estimate_memory(model.config, mixed_precision=precision, batch_size=BATCH, seq_len=SEQ,
                              gradient_checkpointing=mode, attn_implementation=attn).activation_detail
     pairs = {"stored": (detail["layers"] + detail["head"], saved_activation_bytes(model, ids))}
@@ -145,6 +139,24 @@ def test_activation_estimate_matches_saved_tensors(attn, mode, precision):
         error = (predicted - measured) / measured
         print(f"{attn}/{mode}/{precision} {part}: estimate {predicted} B, measured {measured} B, error {error:+.2%}")
         assert abs(error) < ACTIVATION_TOLERANCE
+
+
+def test_autocast_estimate_matches_saved_tensors_and_cast_weights():
+    """DDP as Accelerate runs bf16: fp32 weights, forward under autocast, outputs converted back to fp32."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = build_model()
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ))
+    measured = saved_activation_bytes(model, ids)  # autocast's 16-bit weight copies are saved tensors too
+    estimate = estimate_memory(model.config, "ddp", autocast=True, batch_size=BATCH, seq_len=SEQ)
+    fp32_params = 4 * estimate.model.num_params
+    predicted = estimate.activation_detail["layers"] + estimate.activation_detail["head"]
+    predicted += estimate.gpu["parameters"] - fp32_params
+    error = (predicted - measured) / measured
+    print(f"autocast: estimate {predicted} B, measured {measured} B, error {error:+.2%}")
+    assert abs(error) < ACTIVATION_TOLERANCE
+    assert estimate.gpu["gradients"] == fp32_params and estimate.gpu["optimizer_states"] == 2 * fp32_params
 
 
 def test_checkpointing_and_sharding_order_the_estimates():
@@ -176,6 +188,7 @@ def test_parse_memory_size():
         ({"offload": True}, "Offload needs a ZeRO or FSDP"),
         ({"gpu_memory": "a lot"}, "'a lot'"),
         ({"gradient_checkpointing": "some"}, "'some'"),
+        ({"strategy": "zero3", "autocast": True}, "autocast describes DDP"),
     ],
 )
 def test_bad_input_raises_config_error(kwargs, needle):

@@ -480,20 +480,25 @@ def resolve_layer_classes(model: torch.nn.Module, names: list[str] | str | None 
     return found
 
 
-def check_model(model: torch.nn.Module, accelerator: Accelerator) -> None:
-    """Checks to run on the model before ``accelerator.prepare``: warns about the bf16-without-mixed-precision trap
-    and, under FSDP2, resolves the layer classes to wrap (ConfigError if they are not in the model).
+def check_model(
+    model: torch.nn.Module, accelerator: Accelerator, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Checks to run before ``accelerator.prepare``: warns about the bf16-without-mixed-precision trap, under FSDP2
+    resolves the layer classes to wrap (ConfigError if they are not in the model), and under DeepSpeed optimizer
+    offload keeps an optimizer DeepSpeed has no CPU version of.
 
     A model loaded in bf16/fp16 with ``mixed_precision='no'`` trains with half-precision weights AND optimizer states
     (small AdamW updates round away); under FSDP2 Accelerate only upcasts to fp32 when mixed precision is on.
+    With ``offload_optimizer_device: cpu`` Accelerate swaps the optimizer for DeepSpeedCPUAdam, so an SGD silently
+    becomes Adam; for optimizers other than Adam/AdamW/Adagrad this runs the recipe's optimizer on the CPU instead.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        >>> check_model(model, accelerator)
+        >>> check_model(model, accelerator, optimizer)
         >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     """
     half = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
-    if half and accelerator.mixed_precision == "no" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+    if half and accelerator.mixed_precision == "no":
         _warn(
             f"The model has trainable {'/'.join(half)} parameters and mixed_precision='no' under "
             f"{strategy_name(accelerator)}: weights AND optimizer states stay in half precision, so small updates "
@@ -505,6 +510,16 @@ def check_model(model: torch.nn.Module, accelerator: Accelerator) -> None:
         if getattr(policy, "__name__", "") == "transformer_auto_wrap_policy":
             classes = resolve_layer_classes(model, plugin.transformer_cls_names_to_wrap)
             plugin.transformer_cls_names_to_wrap = [cls.__name__ for cls in classes]
+    if optimizer is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        mappable = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+        if offload != "none" and not isinstance(optimizer, mappable) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+            _warn(
+                f"{type(optimizer).__name__} under DeepSpeed optimizer offload: Accelerate would replace it with "
+                "DeepSpeedCPUAdam; keeping it instead (it steps on the CPU partitions, slower than DeepSpeedCPUAdam)."
+            )
 
 
 def _empty_or_missing(state_dict: dict[str, torch.Tensor] | None, model: torch.nn.Module) -> str | None:

@@ -4,7 +4,8 @@ Model states follow the ZeRO paper (Rajbhandari et al., 2020). With Ψ parameter
 bytes of 16-bit parameters, 2Ψ of 16-bit gradients and 12Ψ of optimizer states (fp32 master copy, m, v); fp32
 training keeps 4Ψ + 4Ψ + 8Ψ. ZeRO-1 partitions the optimizer states over the Nd GPUs, ZeRO-2 the gradients too,
 ZeRO-3 (and FSDP full shard) the parameters too. ``offload`` moves the optimizer states, and for ZeRO-3/FSDP the
-parameters, to CPU memory. (torch autocast with fp32 weights holds 4Ψ + 4Ψ + 8Ψ: a different split, the same 16Ψ.)
+parameters, to CPU memory. ``autocast`` (how Accelerate runs bf16/fp16 under DDP) instead keeps fp32 weights, fp32
+gradients and 8Ψ of AdamW states, plus the 16-bit copies of the Linear weights autocast caches during the step.
 
 Activations follow Korthikanti et al. (2022), whose GPT block stores s·b·h·(34 + 5·a·s/h) bytes at 16-bit,
 recounted tensor by tensor for the Llama-style blocks of transformers 5 (RMSNorm, GQA attention, SwiGLU MLP, no
@@ -52,6 +53,7 @@ class ModelShape:
     name: str
     model_type: str
     num_params: int
+    linear_params: int  # parameters of nn.Linear modules: the weights autocast casts to 16-bit
     block_params: int  # parameters of the largest decoder block (what ZeRO-3/FSDP gathers at once)
     num_layers: int
     hidden_size: int
@@ -143,6 +145,7 @@ def load_model_shape(spec: str | Path | PretrainedConfig, trust_remote_code: boo
         name=name,
         model_type=config.model_type,
         num_params=sum(p.numel() for p in model.parameters()),  # parameters() yields a tied weight once
+        linear_params=sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()),
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         num_layers=text.num_hidden_layers,
         hidden_size=hidden,
@@ -155,16 +158,19 @@ def load_model_shape(spec: str | Path | PretrainedConfig, trust_remote_code: boo
     )
 
 
-def model_state_bytes(num_params: int, mixed_precision: str, optimizer: str) -> dict[str, int]:
-    """Unpartitioned parameter, gradient and optimizer bytes of one replica (ZeRO paper accounting).
+def model_state_bytes(
+    num_params: int, mixed_precision: str, optimizer: str, autocast: bool = False, linear_params: int = 0
+) -> dict[str, int]:
+    """Unpartitioned parameter, gradient and optimizer bytes of one replica (ZeRO paper accounting, or autocast).
 
     Example:
         >>> model_state_bytes(1000, "bf16", "adamw")
         {'parameters': 2000, 'gradients': 2000, 'optimizer_states': 12000}
     """
     states = OPTIMIZER_STATES[optimizer]
-    if mixed_precision == "no":
-        return {"parameters": 4 * num_params, "gradients": 4 * num_params, "optimizer_states": 4 * states * num_params}
+    if mixed_precision == "no" or autocast:  # autocast keeps fp32 weights plus a 16-bit copy of each Linear's
+        return {"parameters": 4 * num_params + (2 * linear_params if autocast else 0), "gradients": 4 * num_params,
+                "optimizer_states": 4 * states * num_params}
     # 16-bit (fp8 training keeps 16-bit weights and gradients too) + fp32 master copy + fp32 states
     return {"parameters": 2 * num_params, "gradients": 2 * num_params,
             "optimizer_states": 4 * (1 + states) * num_params}
@@ -194,7 +200,7 @@ def partition_states(
 
 def checkpointed_layers(num_layers: int, mode: str, every_n: int = 2) -> list[int]:
     """Indices of the decoder layers that recompute in backward: all for "full", every n-th (0, n, 2n...) for
-    "selective", none for "off". The training recipe uses the same rule so estimate and run agree.
+    "selective", none for "off": Transformers' ``every_n_layers`` rule, which hf_optim.training.activations uses.
 
     Example:
         >>> checkpointed_layers(5, "selective", 2)
@@ -205,7 +211,7 @@ def checkpointed_layers(num_layers: int, mode: str, every_n: int = 2) -> list[in
 
 def activation_bytes(
     shape: ModelShape, batch_size: int, seq_len: int, mixed_precision: str = "bf16",
-    checkpointing: str = "off", every_n: int = 2, attn_implementation: str = "sdpa",
+    checkpointing: str = "off", every_n: int = 2, attn_implementation: str = "sdpa", autocast: bool = False,
 ) -> dict[str, int]:
     """Activation bytes by part; their peak is :func:`peak_activations` (stored + the larger transient).
 
@@ -216,8 +222,11 @@ def activation_bytes(
     tokens = batch_size * seq_len
     a, f = (4 if mixed_precision == "no" else 2), 4  # stored activation dtype; fp32 upcasts of transformers
     h, hq, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    # RMSNorm: fp32 input, normalised x before the weight, output (the next Linear's input), fp32 1/rms
-    norm = f * h + 2 * a * h + f
+    # RMSNorm: fp32 input, normalised x before the weight, output (the next Linear's input), fp32 1/rms. Under
+    # autocast the residual stream stays fp32, so the norm keeps fp32 x and each Linear reading it saves its own cast.
+    norm = 2 * f * h + f if autocast else f * h + 2 * a * h + f
+    casts = a * h * (3 + (2 if shape.gated_mlp else 1)) if autocast else 0  # q, k, v, gate, up
+    residual = f if autocast else a
     if attn_implementation == "sdpa":  # q, k, v, output (= o_proj input) and the fp32 logsumexp per head
         attn = a * (2 * hq + 2 * kv) + f * shape.num_heads
     else:  # q, repeated k and v (GQA), softmax in fp32 (+ 16-bit copy), o_proj input
@@ -225,13 +234,15 @@ def activation_bytes(
         attn = a * (2 * hq + 2 * kv_used) + (f + (a if a != f else 0)) * shape.num_heads * seq_len
     # SwiGLU: gate, act(gate), up, their product; plain MLP: fc output, act output
     mlp = (4 if shape.gated_mlp else 2) * a * shape.intermediate_size
-    block = tokens * (2 * norm + attn + mlp)
+    block = tokens * (2 * norm + casts + attn + mlp)
     checkpointed = len(checkpointed_layers(shape.num_layers, checkpointing, every_n))
-    # a checkpointed block keeps only its input; in fp32 that input *is* the first norm's saved input
-    recompute = block - (tokens * f * h if a == f else 0) if checkpointed else 0
-    head = (tokens * (norm + shape.vocab_size * (a + 4) + 2 * 8)  # logits + fp32 log-probs, int64 ids and labels
-            + 2 * seq_len * shape.head_dim * a)  # rotary cos/sin shared by all blocks
-    layers = checkpointed * tokens * a * h + (shape.num_layers - checkpointed) * block
+    # a checkpointed block keeps only its input; an fp32 input *is* the first norm's saved input
+    recompute = block - (tokens * f * h if residual == f else 0) if checkpointed else 0
+    logits = f if autocast else a  # Accelerate's autocast wrapper returns fp32 outputs
+    lm_head_cast = a * h if autocast else 0
+    head = (tokens * (norm + lm_head_cast + shape.vocab_size * (logits + 4) + 2 * 8)  # logits, fp32 log-probs, ids
+            + 2 * seq_len * shape.head_dim * residual)  # rotary cos/sin, shared by all blocks
+    layers = checkpointed * tokens * residual * h + (shape.num_layers - checkpointed) * block
     return {"layers": layers, "head": head, "loss_grad": 2 * 4 * tokens * shape.vocab_size, "recompute": recompute}
 
 
@@ -282,7 +293,7 @@ class MemoryEstimate:
             f"vocab {m.vocab_size})",
             f"Setup: {label} on {s['num_gpus']} GPU(s), micro-batch {s['batch_size']} x {s['seq_len']} tokens, "
             f"precision {s['mixed_precision']}, {s['optimizer']}, checkpointing {s['gradient_checkpointing']}, "
-            f"{s['attn_implementation']} attention",
+            f"{s['attn_implementation']} attention" + (", autocast" if s["autocast"] else ""),
             "",
             f"{'GiB':<18}{'per GPU':>12}{'CPU per rank':>14}",
         ]
@@ -309,6 +320,9 @@ def _validate(settings: dict[str, Any]) -> dict[str, Any]:
     for key in ("num_gpus", "batch_size", "seq_len", "checkpoint_every_n_layers"):
         if not isinstance(s[key], int) or s[key] < 1:
             raise ConfigError(f"{key}={s[key]!r} must be an integer >= 1.")
+    if s["autocast"] and (s["strategy"] != "ddp" or s["mixed_precision"] == "no"):
+        raise ConfigError("autocast describes DDP with bf16/fp16 (DeepSpeed and FSDP run a 16-bit model copy); "
+                          "use it with --strategy ddp --mixed-precision bf16, or drop it.")
     if s["offload"] and s["strategy"] == "ddp":
         raise ConfigError("Offload needs a ZeRO or FSDP strategy (ddp keeps everything on the GPU); "
                           "use e.g. --strategy zero2 --offload.")
@@ -316,12 +330,13 @@ def _validate(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _estimate(shape: ModelShape, s: dict[str, Any]) -> MemoryEstimate:
-    states = model_state_bytes(shape.num_params, s["mixed_precision"], s["optimizer"])
+    states = model_state_bytes(shape.num_params, s["mixed_precision"], s["optimizer"], s["autocast"],
+                               shape.linear_params)
     param_bytes = states["parameters"] // max(shape.num_params, 1)  # 2 (16-bit) or 4 (fp32)
     gathered = 2 * shape.block_params * param_bytes
     gpu, cpu = partition_states(states, s["strategy"], s["num_gpus"], s["offload"], gathered)
-    detail = activation_bytes(shape, s["batch_size"], s["seq_len"], s["mixed_precision"],
-                              s["gradient_checkpointing"], s["checkpoint_every_n_layers"], s["attn_implementation"])
+    detail = activation_bytes(shape, s["batch_size"], s["seq_len"], s["mixed_precision"], s["gradient_checkpointing"],
+                              s["checkpoint_every_n_layers"], s["attn_implementation"], s["autocast"])
     gpu["activations"], cpu["activations"] = peak_activations(detail), 0
     notes = [] if shape.gated_mlp else [  # the per-tensor count was checked on Llama, Mistral and Qwen2 blocks
         f"Activations are counted for Llama-style blocks (RMSNorm, gated MLP); for {shape.model_type} blocks they are "
@@ -343,7 +358,8 @@ def recommend(shape: ModelShape, settings: dict[str, Any], gpu_memory: int) -> d
     tried = []
     for mode in modes:
         for strategy, offload in tiers:
-            s = {**settings, "strategy": strategy, "offload": offload, "gradient_checkpointing": mode}
+            s = {**settings, "strategy": strategy, "offload": offload, "gradient_checkpointing": mode,
+                 "autocast": settings["autocast"] and strategy == "ddp"}
             total = _estimate(shape, s).gpu_total
             tried.append({"strategy": strategy, "offload": offload, "gradient_checkpointing": mode,
                           "gpu_bytes": total, "fits": total <= usable})
@@ -367,12 +383,13 @@ def recommend(shape: ModelShape, settings: dict[str, Any], gpu_memory: int) -> d
 def estimate_memory(
     model: str | Path | PretrainedConfig, strategy: str = "ddp", *, offload: bool = False, num_gpus: int = 1,
     batch_size: int = 1, seq_len: int = 2048, gradient_checkpointing: str = "off", checkpoint_every_n_layers: int = 2,
-    mixed_precision: str = "bf16", optimizer: str = "adamw", attn_implementation: str = "sdpa",
+    mixed_precision: str = "bf16", optimizer: str = "adamw", attn_implementation: str = "sdpa", autocast: bool = False,
     gpu_memory: str | int | None = None, trust_remote_code: bool = False,
 ) -> MemoryEstimate:
     """Estimate per-GPU and CPU training memory of ``model`` (Hub id, folder, config.json, recipe YAML or config).
 
-    ``gpu_memory`` ("80GiB", "24GB" or bytes) adds a recommendation: the cheapest strategy that fits.
+    ``gpu_memory`` ("80GiB", "24GB" or bytes) adds a recommendation: the cheapest strategy that fits. ``autocast``
+    models DDP under torch autocast (fp32 weights), as Accelerate runs it, instead of a 16-bit model copy.
 
     Example:
         >>> est = estimate_memory("path/to/config.json", "zero3", num_gpus=8, gpu_memory="80GiB")  # doctest: +SKIP
@@ -383,7 +400,7 @@ def estimate_memory(
         "strategy": strategy, "offload": offload, "num_gpus": num_gpus, "batch_size": batch_size,
         "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
         "checkpoint_every_n_layers": checkpoint_every_n_layers, "mixed_precision": mixed_precision,
-        "optimizer": optimizer, "attn_implementation": attn_implementation,
+        "optimizer": optimizer, "attn_implementation": attn_implementation, "autocast": autocast,
     })
     memory = gpu_memory if gpu_memory is None or isinstance(gpu_memory, int) else parse_memory_size(gpu_memory)
     if memory is not None and memory < 1:
@@ -406,8 +423,8 @@ def estimate_memory_cli(args: argparse.Namespace) -> int:
         args.model, args.strategy.lower(), offload=args.offload, num_gpus=args.num_gpus,
         batch_size=args.batch_size, seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every_n_layers=args.checkpoint_every_n_layers, mixed_precision=args.mixed_precision,
-        optimizer=args.optimizer.lower(), attn_implementation=args.attn_implementation, gpu_memory=args.gpu_memory,
-        trust_remote_code=args.trust_remote_code,
+        optimizer=args.optimizer.lower(), attn_implementation=args.attn_implementation, autocast=args.autocast,
+        gpu_memory=args.gpu_memory, trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 1 if result.recommendation is not None and not result.recommendation["fits"] else 0

@@ -45,7 +45,8 @@ def synthetic_rows(num_rows: int, seq_len: int, vocab_size: int, seed: int) -> l
     rows = []
     for _ in range(num_rows):
         length = int(torch.randint(seq_len // 4, seq_len + 1, (1,), generator=generator))
-        ids = torch.randint(2, vocab_size, (seq_len,), generator=generator)
+        # 32 distinct tokens: a unigram distribution the model learns within a few steps, so losses move a lot.
+        ids = torch.randint(2, min(vocab_size, 34), (seq_len,), generator=generator)
         mask = torch.zeros(seq_len, dtype=torch.long)
         mask[:length] = 1
         ids[length:] = PAD_ID
@@ -63,8 +64,10 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2, help="Rows per rank per micro-batch.")
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--eps", type=float, default=1.0)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="0 = no clipping (clipping hides scale errors).")
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--rows-per-step", type=int, default=None, help="Default: micro_batch * accum * world size.")
     args = parser.parse_args()
@@ -81,11 +84,16 @@ def main() -> None:
     rows_per_step = args.rows_per_step or args.micro_batch * args.grad_accum * world
     rows = synthetic_rows(args.steps * rows_per_step, args.seq_len, vocab_size, seed=1234)
     loader = torch.utils.data.DataLoader(rows, batch_size=args.micro_batch, shuffle=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, eps=1e-6)
+    # eps=1 makes AdamW's update proportional to the gradient (|g| << 1), so a wrong gradient scale (ranks summed
+    # instead of averaged, accumulation not divided) changes the losses; a tiny eps would normalise it away.
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, eps=args.eps)
     # Warm-up over 2 steps: a scheduler stepped more than once per optimizer step would change the losses.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2))
 
-    check_model(model, accelerator)
+    check_model(model, accelerator, optimizer)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     prepared_at = time.perf_counter()
 

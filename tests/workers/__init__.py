@@ -1,0 +1,1 @@
+"""Scripts that tests start in subprocesses (``accelerate launch ... tests/workers/<worker>.py``)."""
