@@ -49,6 +49,7 @@ class Run:
     state: TrainerState
     logger: JsonlLogger
     meter: ThroughputMeter
+    pruner: object | None = None
 
 
 # ---------------------------------------------------------------- setup
@@ -102,6 +103,21 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95))
 
 
+def build_pruner(cfg: TrainConfig, model: torch.nn.Module):
+    """Gradual magnitude pruning (polynomial schedule, Zhu & Gupta 2017) when ``pruning_final_sparsity`` is set."""
+    if cfg.pruning_final_sparsity is None:
+        return None
+    from hf_optim.compression.configs import MagnitudeConfig
+    from hf_optim.compression.schedule import GradualPruner, PolynomialDecay
+
+    end_step = cfg.pruning_end_step if cfg.pruning_end_step is not None else max(1, int(cfg.max_steps * 0.8))
+    schedule = PolynomialDecay(
+        cfg.pruning_initial_sparsity, cfg.pruning_final_sparsity, cfg.pruning_begin_step, end_step, cfg.pruning_frequency
+    )
+    config = MagnitudeConfig(sparsity=cfg.pruning_final_sparsity, pattern=cfg.pruning_pattern)
+    return GradualPruner(model, config, schedule)
+
+
 def setup(cfg: TrainConfig) -> Run:
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
@@ -144,6 +160,9 @@ def setup(cfg: TrainConfig) -> Run:
         checkpoint = resolve_checkpoint(cfg.output_dir, cfg.resume_from)
         state = load_checkpoint(accelerator, checkpoint)
         accelerator.print(f"Resumed from {checkpoint} at step {state.step}.")
+    pruner = build_pruner(cfg, accelerator.unwrap_model(model))
+    if pruner is not None:
+        pruner.step(state.step)  # the step-0 mask, or the masks of a resumed run rebuilt from its zeros
 
     unwrapped = accelerator.unwrap_model(model)
     flops = flops_per_token(unwrapped.config, cfg.block_size)
@@ -157,7 +176,7 @@ def setup(cfg: TrainConfig) -> Run:
         f"params={sum(p.numel() for p in unwrapped.parameters()):,} train_blocks={len(splits['train'])} "
         f"grad_accum={cfg.gradient_accumulation_steps} mixed_precision={cfg.mixed_precision}"
     )
-    return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_loader, eval_loader, state, logger, meter)
+    return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_loader, eval_loader, state, logger, meter, pruner)
 
 
 # ---------------------------------------------------------------- train
@@ -196,6 +215,7 @@ def train(run: Run) -> dict[str, float]:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        sparsity = run.pruner.step(state.step) if run.pruner is not None else None  # keeps pruned weights at zero
         state.tokens_seen += result.input_tokens
         run.meter.update(result.input_tokens)
         window_loss += result.loss * result.target_tokens
@@ -212,6 +232,7 @@ def train(run: Run) -> dict[str, float]:
                 "lr": run.scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_seen": state.tokens_seen,
+                **({"sparsity": sparsity} if sparsity is not None else {}),
                 **run.meter.read(),
                 **memory_stats(accelerator.device),
             }

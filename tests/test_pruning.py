@@ -66,7 +66,7 @@ def test_magnitude_global_ranks_across_layers():
     hf_optim.prune(model, hf_optim.MagnitudeConfig(sparsity=0.5, scope="global"))
     report = sparsity_report(model)
     assert report["zeros"] == round(0.5 * report["weights"])
-    assert report["layers"]["model.layers.0.mlp.up_proj"] < 0.1 < report["layers"]["model.layers.0.mlp.down_proj"]
+    assert report["layers"]["model.layers.0.mlp.up_proj"] < 0.25 < 0.5 < report["layers"]["model.layers.0.mlp.down_proj"]
     kept = torch.cat([before[f"{n}.weight"][m.weight != 0].abs() for n, m in target_linears(model, exclude=["lm_head", "*embed*"])])
     gone = torch.cat([before[f"{n}.weight"][m.weight == 0].abs() for n, m in target_linears(model, exclude=["lm_head", "*embed*"])])
     assert gone.max() <= kept.min()
@@ -124,10 +124,11 @@ def test_wanda_and_magnitude_prune_different_weights_of_a_model(tokenizer, texts
 
 
 def correlated_layer(seed: int = 0, rows: int = 32, cols: int = 64, tokens: int = 2048):
+    """A random weight and inputs whose features are strongly correlated (rank 16 plus noise) and unevenly scaled."""
     generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(cols, cols, generator=generator) / cols**0.5 + torch.eye(cols)
-    scales = torch.logspace(-1, 1, cols)  # features of very different size, correlated through the mixing
-    x = (torch.randn(tokens, cols, generator=generator) @ mixing) * scales
+    scales = torch.logspace(-0.5, 0.5, cols)[torch.randperm(cols, generator=generator)]
+    low_rank = torch.randn(tokens, 16, generator=generator) @ torch.randn(16, cols, generator=generator)
+    x = (low_rank + 0.1 * torch.randn(tokens, cols, generator=generator)) * scales
     return torch.randn(rows, cols, generator=generator), x.double()
 
 
@@ -143,8 +144,8 @@ def test_sparsegpt_reconstructs_the_layer_output_best(nm):
     assert torch.equal(new_weight == 0, ~keep) and int(keep.sum()) == weight.numel() // 2
     magnitude = weight * magnitude_mask(weight, 0.5, nm)
     wanda = weight * wanda_mask(weight, hessian.diagonal().sqrt().float(), 0.5, nm)
-    assert error(new_weight) < 0.8 * min(error(magnitude), error(wanda))
-    assert error(wanda) < error(magnitude)
+    # measured: ~0.6x Wanda's and ~0.3x magnitude's error (the compensation uses the correlations)
+    assert error(new_weight) < 0.8 * error(wanda) < 0.8 * error(magnitude)
 
 
 def test_sparsegpt_edge_cases():
@@ -183,7 +184,10 @@ def test_structured_removes_least_important_units_and_reloads(family, importance
     with torch.no_grad():
         reference = model(ids).logits
     params = sum(p.numel() for p in model.parameters())
-    inter = model.config.n_inner or 4 * model.config.n_embd if family == "gpt2" else model.config.intermediate_size
+    if family == "gpt2":
+        inter = model.config.n_inner or 4 * model.config.n_embd
+    else:
+        inter = model.config.intermediate_size
 
     config = hf_optim.StructuredPruneConfig(mlp_fraction=0.25, heads_fraction=0.5 if heads else 0.0, importance=importance)
     hf_optim.prune(model, config, tokenizer=tokenizer, calibration_texts=texts, **CALIB)
@@ -225,10 +229,10 @@ def test_bad_configs(make):
 
 @pytest.mark.parametrize("config_cls", [hf_optim.MagnitudeConfig, hf_optim.WandaConfig, hf_optim.SparseGPTConfig])
 def test_nm_pattern_that_does_not_divide_a_layer(config_cls, tokenizer, texts):
-    model = tiny_model("llama", hidden=36)
+    model = tiny_model("llama")
     before = snapshot(model)
-    with pytest.raises(ConfigError, match=r"'model\.layers\.0\.self_attn\.q_proj' has in_features=36"):
-        hf_optim.prune(model, config_cls(sparsity=0.5, pattern="4:8"), tokenizer=tokenizer, calibration_texts=texts, **CALIB)
+    with pytest.raises(ConfigError, match=r"'model\.layers\.0\.self_attn\.q_proj' has in_features=64"):
+        hf_optim.prune(model, config_cls(sparsity=0.5, pattern="3:6"), tokenizer=tokenizer, calibration_texts=texts, **CALIB)
     assert_untouched(model, before)
 
 
@@ -274,25 +278,19 @@ def test_structured_unknown_model_type():
 
 
 # ---------------------------------------------------------------- real model
-@pytest.fixture(scope="module")
-def stories(request):
-    from tests.helpers import CORPORA, SHARED_MISSING_REASON, STORIES260K
-
-    if not STORIES260K.is_dir():
-        pytest.skip(SHARED_MISSING_REASON)
-    text = (CORPORA / "tinystories" / "niklas6_tinystories.txt").read_text(encoding="utf-8")
+@pytest.fixture
+def stories(stories260k_dir, shared_dir):
+    text = (shared_dir / "corpora" / "tinystories" / "niklas6_tinystories.txt").read_text(encoding="utf-8")
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    return AutoTokenizer.from_pretrained(STORIES260K), paragraphs[:300], paragraphs[300:]
+    return AutoTokenizer.from_pretrained(stories260k_dir), paragraphs[:300], paragraphs[300:]
 
 
 @pytest.mark.slow
-def test_stories260k_wanda_and_sparsegpt_beat_magnitude(stories):
-    from tests.helpers import STORIES260K
-
+def test_stories260k_wanda_and_sparsegpt_beat_magnitude(stories, stories260k_dir):
     tokenizer, calibration, held_out = stories
 
     def perplexity(config=None) -> float:
-        model = AutoModelForCausalLM.from_pretrained(STORIES260K).eval()
+        model = AutoModelForCausalLM.from_pretrained(stories260k_dir).eval()
         if config is not None:
             hf_optim.prune(model, config, tokenizer=tokenizer, calibration_texts=calibration, num_calibration_samples=32)
         return evaluate_perplexity(model, tokenizer, held_out, max_length=256, stride=128, max_tokens=12_000)
@@ -302,13 +300,11 @@ def test_stories260k_wanda_and_sparsegpt_beat_magnitude(stories):
     wanda = perplexity(hf_optim.WandaConfig(sparsity=0.5))
     sparsegpt = perplexity(hf_optim.SparseGPTConfig(sparsity=0.5))
     assert dense < wanda < magnitude and dense < sparsegpt < magnitude
-    # the issue's target: each loses at most half of what magnitude loses (measured ~0.45 and ~0.39 of it)
+    # the issue's target: each loses at most half of what magnitude loses (measured ~0.43 and ~0.37 of it)
     assert max(wanda, sparsegpt) - dense <= 0.5 * (magnitude - dense), (dense, magnitude, wanda, sparsegpt)
 
 
-def test_stories260k_nm_error_names_the_layer(stories):
-    from tests.helpers import STORIES260K
-
-    model = AutoModelForCausalLM.from_pretrained(STORIES260K)
+def test_stories260k_nm_error_names_the_layer(stories260k_dir):
+    model = AutoModelForCausalLM.from_pretrained(stories260k_dir)
     with pytest.raises(ConfigError, match=r"'model\.layers\.0\.mlp\.down_proj' has in_features=172"):
         hf_optim.prune(model, hf_optim.MagnitudeConfig(sparsity=0.5, pattern="4:8"))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import builtins
 import json
+import sys
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 import hf_optim
 from hf_optim.compression.algorithms import gptq, rtn
+from hf_optim.compression.api import compression_history
 from hf_optim.compression.configs import config_from_dict
 from hf_optim.compression.storage import PACKED_ATTR, PACKED_FILE
 from hf_optim.compression.targets import linear_weight, target_linears
@@ -54,7 +55,7 @@ def test_rtn_error_is_within_half_a_scale(bits, group_size, symmetric):
     assert bool((error <= step / 2 * (1 + 1e-5)).all())
     assert bool((rtn.dequantize(q)[5, :32] == 0).all())  # zero stays exactly representable
     relative = float((w - rtn.dequantize(q)).norm() / w.norm())
-    assert relative < (0.01 if bits == 8 else 0.2)
+    assert relative < (0.02 if bits == 8 else 0.2)
 
 
 def test_rtn_rejects_a_group_size_that_does_not_divide():
@@ -76,15 +77,21 @@ def test_gptq_output_error_is_lower_than_rtn_on_correlated_inputs(group_size, ac
     assert int(q_gptq.values.min()) >= 0 and int(q_gptq.values.max()) <= 15
 
 
-def test_gptq_static_groups_reuse_the_rtn_scales_and_blocks_do_not_change_the_math():
+def test_gptq_static_groups_reuse_the_rtn_scales():
+    w, x = _weight(), _correlated_inputs()
+    static = gptq.gptq_quantize(w, x.t().double() @ x.double(), 4, 32, static_groups=True)
+    assert torch.equal(static.scale, rtn.quantize(w, 4, 32, symmetric=False).scale)
+
+
+@pytest.mark.parametrize("group_size, small_block", [(32, 32), (32, 8), (None, 16)])
+def test_gptq_block_size_does_not_change_the_math(group_size, small_block):
+    # lazy batch updates are exact algebra, whether groups sit inside blocks or span several blocks
     w, x = _weight(), _correlated_inputs()
     hessian = x.t().double() @ x.double()
-    static = gptq.gptq_quantize(w, hessian, 4, 32, static_groups=True)
-    assert torch.equal(static.scale, rtn.quantize(w, 4, 32, symmetric=False).scale)
-    # lazy batch updates are exact algebra: another block size gives (nearly) the same codes
-    small = gptq.gptq_quantize(w, hessian, 4, 32, block_size=32)
-    large = gptq.gptq_quantize(w, hessian, 4, 32, block_size=128)
+    small = gptq.gptq_quantize(w, hessian, 4, group_size, block_size=small_block)
+    large = gptq.gptq_quantize(w, hessian, 4, group_size, block_size=128)
     assert float((small.values == large.values).float().mean()) > 0.99
+    assert torch.equal(small.scale, large.scale) or float((small.scale - large.scale).abs().max()) < 1e-3
 
 
 def test_gptq_bad_input():
@@ -118,15 +125,15 @@ def _quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
     return dense, packed
 
 
-@pytest.mark.parametrize("config, expected_ratio", [
-    (hf_optim.Int4WeightOnlyConfig(group_size=32), (0.5 + 2 / 32 + 0.5 / 32) / 4),  # codes + fp16 scale + 4-bit zero
-    (hf_optim.Int8WeightOnlyConfig(), 0.25),
+@pytest.mark.parametrize("config, expected_ratio, tolerance", [
+    (hf_optim.Int4WeightOnlyConfig(group_size=32), (0.5 + 2 / 32 + 0.5 / 32) / 4, 0.2),  # codes, fp16 scale, 4-bit zero
+    (hf_optim.Int8WeightOnlyConfig(), 0.25, 0.02),
 ])
-def test_native_quantization_shrinks_the_folder_and_reloads_bitwise(config, expected_ratio, tmp_path):
+def test_native_quantization_shrinks_the_folder_and_reloads_bitwise(config, expected_ratio, tolerance, tmp_path):
     reference = tiny_model("llama")
     hf_optim.save_optimized(reference, tmp_path / "fp32")
     model = hf_optim.quantize(tiny_model("llama"), config)
-    assert (_logits(model) - _logits(reference)).abs().max() < 0.1 * _logits(reference).abs().max()
+    assert (_logits(model) - _logits(reference)).abs().max() < tolerance * _logits(reference).abs().max()
     dense, packed = _quantized_layer_bytes(model)
     assert dense and packed / dense == pytest.approx(expected_ratio, rel=0.03)
     out = hf_optim.save_optimized(model, tmp_path / "q")
@@ -145,10 +152,9 @@ def test_native_quantization_shrinks_the_folder_and_reloads_bitwise(config, expe
 def test_native_int4_on_gpt2_conv1d_reloads_bitwise(tmp_path):
     model = hf_optim.quantize(tiny_model("gpt2"), hf_optim.Int4WeightOnlyConfig(group_size=32))
     for _, module in target_linears(model, ["*"], ["lm_head", "*wte", "*wpe"]):
-        weight = linear_weight(module)
-        groups = weight.reshape(-1, 32)
-        assert bool(((groups - groups.amin(1, keepdim=True)) >= 0).all())
-        assert len(torch.unique(weight[0, :32])) <= 16  # 4 bits: at most 16 values per group
+        groups = linear_weight(module).reshape(-1, 32).sort(1).values  # [out, in] view: groups run along inputs
+        distinct = (groups.diff(dim=1) != 0).sum(1) + 1
+        assert int(distinct.max()) <= 16  # 4 bits: at most 16 values per group
     reloaded = hf_optim.load_optimized(hf_optim.save_optimized(model, tmp_path / "gpt2"))
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -160,7 +166,7 @@ def test_gptq_through_the_verb_calibrates_packs_and_reloads(tmp_path):
     model = hf_optim.quantize(tiny_model("llama"), hf_optim.Int4WeightOnlyConfig(group_size=32, method="gptq"),
                               tokenizer=tokenizer, calibration_texts=texts, num_calibration_samples=8,
                               calibration_seq_len=64)
-    step = hf_optim.compression.api.compression_history(model)[0]
+    step = compression_history(model)[0]
     assert step["algorithm"] == "gptq" and step["calibration"]["samples"] == 8
     rtn_model = hf_optim.quantize(tiny_model("llama"), hf_optim.Int4WeightOnlyConfig(group_size=32))
     differs = [not torch.equal(a, b) for a, b in zip(model.parameters(), rtn_model.parameters())]
@@ -201,16 +207,7 @@ def test_bad_config_values(make, message):
 @pytest.mark.parametrize("package, config", [("bitsandbytes", hf_optim.BnbInt8Config()),
                                              ("torchao", hf_optim.TorchAoInt8DynamicConfig())])
 def test_missing_backend_says_how_to_install_it(package, config, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_backend(name, *args, **kwargs):
-        if name == package or name.startswith(package + "."):
-            raise ImportError(f"No module named {package!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_backend)
-    for module in [m for m in list(__import__("sys").modules) if m == package or m.startswith(package + ".")]:
-        monkeypatch.delitem(__import__("sys").modules, module)
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail as if it were not installed
     with pytest.raises(ConfigError, match=rf"pip install {package}=="):
         hf_optim.quantize(tiny_model("llama"), config)
 

@@ -125,3 +125,19 @@ def test_recipe_fine_tunes_a_real_pretrained_model_from_a_local_folder(stories26
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert 3.0 < summary["eval_perplexity"] < 8.0, summary
+
+
+def test_recipe_gradual_pruning_follows_the_schedule_and_keeps_masks(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    run_recipe(corpus, out, "max_steps=10", "pruning_final_sparsity=0.5", "pruning_begin_step=2",
+               "pruning_end_step=6", "pruning_frequency=2")
+    log = {r["step"]: r for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r}
+    assert log[1]["sparsity"] == 0.0 and log[10]["sparsity"] == pytest.approx(0.5)
+    assert 0.0 < log[4]["sparsity"] < 0.5  # cubic ramp: updated at steps 2 (s=0), 4 and 6 (s=0.5)
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    for layer in model.model.layers:  # pruned weights stayed exactly zero through the last 4 optimizer steps
+        for proj in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert (proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert (model.lm_head.weight == 0).float().mean().item() < 0.01

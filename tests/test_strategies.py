@@ -1,10 +1,11 @@
 """The distributed strategies of hf_optim.training.accelerator, through the real user path.
 
-Multi-process tests start ``accelerate launch --config_file accelerate_configs/<name>.yaml tests/workers/train_worker.py``
-(2 gloo ranks on a machine without GPUs) and compare with one process running the same global batch: per-step losses
-to 4 decimals and the trained weights, which only holds if every backend averages gradients over ranks and Accelerate
-divides by the accumulation steps. Each strategy's worker runs once per session and is shared by its tests
-(``pytest -k zero3`` runs just the ZeRO-3 ones, ``-k consolidated`` the consolidated-saving ones).
+Multi-process tests start ``accelerate launch --config_file accelerate_configs/<name>.yaml
+tests/workers/train_worker.py`` (2 gloo ranks on a machine without GPUs) and compare with one process running the
+same global batch: per-step losses to 4 decimals and the trained weights, which only holds if every backend averages
+gradients over ranks and Accelerate divides by the accumulation steps. Each strategy's worker runs once per session
+and is shared by its tests (``pytest -k zero3`` runs just the ZeRO-3 ones, ``-k consolidated`` the consolidated-saving
+ones).
 Fast tests check the error messages with the environment that Accelerate's own launcher code builds from a config.
 """
 
@@ -103,7 +104,8 @@ class _Runs:
 
     def reference(self, *worker_args: str) -> tuple[dict, Path]:
         """One process with twice the micro-batch: the same global batch as 2 ranks."""
-        return self.get("cpu_single", "--micro-batch", str(2 * MICRO_BATCH), "--grad-accum", str(GRAD_ACCUM), *worker_args)
+        batch = ("--micro-batch", str(2 * MICRO_BATCH), "--grad-accum", str(GRAD_ACCUM))
+        return self.get("cpu_single", *batch, *worker_args)
 
     def two_ranks(self, config: str, *worker_args: str) -> tuple[dict, Path]:
         return self.get(config, "--micro-batch", str(MICRO_BATCH), "--grad-accum", str(GRAD_ACCUM), *worker_args)
@@ -193,7 +195,11 @@ def launch_env(config: Path, world_size: int = 2) -> dict[str, str]:
     """The ACCELERATE_*/FSDP_* environment ``accelerate launch --config_file config`` gives the script, built by
     Accelerate's own launcher code, plus the rank variables torchrun would add for rank 0."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     args = launch_command_parser().parse_args(["--config_file", str(config), "script.py"])
     args, defaults, _ = _validate_launch_command(args)
@@ -264,8 +270,9 @@ def test_every_shipped_config_is_covered() -> None:
     [
         ({"deepspeed_config__zero_stage": 4}, r"zero_stage='?4'?.*valid stages: \[0, 1, 2, 3\]"),
         ({"deepspeed_config__offload_optimizer_device": "disk"}, r"offload_optimizer_device='disk'.*'none', 'cpu'"),
+        ({"deepspeed_config__deepspeed_config_file": "ds.json"}, r"ds.json.*deepspeed_config keys.*not supported"),
     ],
-    ids=["zero_stage_4", "offload_disk"],
+    ids=["zero_stage_4", "offload_disk", "deepspeed_json"],
 )
 def test_bad_deepspeed_config_is_refused(launched, changes: dict, message: str) -> None:
     path = launched("zero2", **changes)
@@ -317,7 +324,8 @@ def test_unknown_mixed_precision_is_refused(launched) -> None:
 def test_layer_classes_resolve_from_no_split_modules() -> None:
     model = tiny_model("llama")
     assert [cls.__name__ for cls in strategies.resolve_layer_classes(model)] == ["LlamaDecoderLayer"]
-    assert [cls.__name__ for cls in strategies.resolve_layer_classes(model, "LlamaDecoderLayer")] == ["LlamaDecoderLayer"]
+    named = strategies.resolve_layer_classes(model, "LlamaDecoderLayer")
+    assert [cls.__name__ for cls in named] == ["LlamaDecoderLayer"]
 
 
 def test_unresolvable_layer_class_names_the_model_layers() -> None:

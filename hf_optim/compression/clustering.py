@@ -49,32 +49,43 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return table[0][idx] if table.shape[0] == 1 else table.gather(1, idx)
+
+
 @register_codec(CODEC)
 def decode_kmeans(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
-    """The dense ``[out, in]`` weight of a ``"kmeans"`` packed weight: ``codebook[row or 0, index]``."""
+    """The dense ``[out, in]`` weight of a ``"kmeans"`` packed weight: ``(scale ·) codebook[row or 0, index]``."""
     out, cols = meta["shape"]
-    codebook = tensors["codebook"].to(getattr(torch, meta["dtype"]))
-    idx = unpack_bits(tensors["indices"].cpu(), meta["bits"], out * cols).reshape(out, cols).to(codebook.device)
-    return codebook[0][idx] if codebook.shape[0] == 1 else codebook.gather(1, idx)
+    dtype = getattr(torch, meta["dtype"])
+    table = tensors["codebook"].to(dtype)
+    if "scale" in tensors:
+        table = tensors["scale"].to(dtype) * table  # [out, 1] * [1, k]: the shared codebook scaled per row
+    idx = unpack_bits(tensors["indices"].cpu(), meta["bits"], out * cols).reshape(out, cols).to(table.device)
+    return _lookup(table, idx)
 
 
-def _stored_codebook(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # fp16 halves the codebook; keep the weight's own dtype where fp16 would overflow or lose small values
-    half = codebook.to(torch.float16)
-    error = (half.float() - codebook.float()).abs().max()
-    if dtype != torch.float16 and bool(error <= _FP16_TOLERANCE * codebook.float().abs().max()):
+def _stored(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # fp16 halves a codebook; keep the weight's own dtype where fp16 would overflow or lose small values
+    half = values.to(torch.float16)
+    error = (half.float() - values.float()).abs().max()
+    if dtype != torch.float16 and bool(error <= _FP16_TOLERANCE * values.float().abs().max()):
         return half
-    return codebook.to(dtype)
+    return values.to(dtype)
 
 
 @torch.no_grad()
-def _pack(module: nn.Module, codebook: torch.Tensor, idx: torch.Tensor, zero_cluster: bool) -> None:
-    """Store ``codebook`` ``[R, k]`` + ``idx`` ``[out, in]`` as the layer's packed form and set the weight to its decode."""
+def _pack(module: nn.Module, codebook: torch.Tensor, idx: torch.Tensor, zero_cluster: bool,
+          scale: torch.Tensor | None = None) -> None:
+    """Store ``codebook`` ``[R, k]`` (+ ``scale`` ``[out, 1]``) and ``idx`` ``[out, in]`` as the layer's packed
+    form, and set the weight to exactly what that decodes to."""
     weight = linear_weight(module)
     k = codebook.shape[1]
     meta = {"shape": list(weight.shape), "bits": _bits(k), "k": k, "dtype": str(weight.dtype).removeprefix("torch."),
             "zero_cluster": zero_cluster}
-    tensors = {"codebook": _stored_codebook(codebook, weight.dtype).cpu(), "indices": pack_bits(idx.cpu(), meta["bits"])}
+    tensors = {"codebook": _stored(codebook, weight.dtype).cpu(), "indices": pack_bits(idx.cpu(), meta["bits"])}
+    if scale is not None:
+        tensors["scale"] = _stored(scale, weight.dtype).cpu()
     packed = PackedWeight(CODEC, tensors, meta)
     weight.copy_(decode_kmeans(packed.tensors, meta).to(weight.device))  # the model runs on exactly what reloads
     attach_packed(module, packed)
@@ -93,37 +104,47 @@ def _check_sizes(targets: list[tuple[str, nn.Module]], config: ClusterConfig) ->
 
 
 @torch.no_grad()
-def cluster_weight(weight: torch.Tensor, config: ClusterConfig, stats: InputStats | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster one ``[out, in]`` weight: the codebook ``[R, k]`` (R = out or 1) and indices ``[out, in]``.
+def cluster_weight(
+    weight: torch.Tensor, config: ClusterConfig, stats: InputStats | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cluster one ``[out, in]`` weight: codebook ``[R, k]`` (R = out or 1), indices ``[out, in]``, row scale or None.
 
-    With ``preserve_sparsity`` the codebook's entry 0 is an exact zero that holds the zero weights, and k - 1
-    clusters share the non-zeros. ``stats`` (from calibration) feeds activation weighting and GPTQ assignment.
+    The weight becomes ``codebook[row or 0, index]``, times ``scale[row]`` with ``row_scale``. With
+    ``preserve_sparsity`` the codebook's entry 0 is an exact zero that holds the zero weights and k - 1 clusters
+    share the non-zeros. ``stats`` (from calibration) feeds activation weighting and GPTQ assignment.
 
     Example:
-        >>> codebook, idx = cluster_weight(torch.randn(8, 32), ClusterConfig(n_clusters=4))
-        >>> codebook.shape, idx.shape
-        (torch.Size([8, 4]), torch.Size([8, 32]))
+        >>> codebook, idx, scale = cluster_weight(torch.randn(8, 32), ClusterConfig(n_clusters=4))
+        >>> codebook.shape, idx.shape, scale
+        (torch.Size([8, 4]), torch.Size([8, 32]), None)
     """
-    w = weight.detach().float()
-    out, cols = w.shape
-    rows = w if config.per_channel else w.reshape(1, -1)
-    mask = rows != 0 if config.preserve_sparsity else None
-    k = config.n_clusters - 1 if config.preserve_sparsity else config.n_clusters
     if config.needs_calibration and stats is None:
         raise ConfigError(f"weighting={config.weighting!r} / compensation={config.compensation!r} need calibration data.")
+    w = weight.detach().float()
+    out, cols = w.shape
+    scale = None
+    if config.row_scale:
+        scale = w.abs().amax(1, keepdim=True)
+        scale = _stored(torch.where(scale > 0, scale, 1.0), weight.dtype).float()  # cluster what will be stored
+    normalized = w if scale is None else w / scale
+    rows = normalized if config.per_channel else normalized.reshape(1, -1)
+    mask = rows != 0 if config.preserve_sparsity else None
+    k = config.n_clusters - 1 if config.preserve_sparsity else config.n_clusters
     weights = None
     if config.weighting == "activation":
-        weights = stats.sq_norm.to(w.device, torch.float32).expand(out, cols).reshape(rows.shape)
+        weights = stats.sq_norm.to(w.device, torch.float32).expand(out, cols)
+        weights = (weights if scale is None else weights * scale.square()).reshape(rows.shape)
     centroids = kmeans_1d(rows, k, config.init, weights, mask, config.max_iter, config.seed)
+    table = centroids if scale is None else scale * centroids  # each row's codebook, still sorted (scale > 0)
+    row_mask = None if mask is None else mask.reshape(out, cols)
     if config.compensation == "gptq":
-        idx = gptq_assign(w, stats.hessian.to(w.device), centroids, None if mask is None else mask.reshape(out, cols))
+        idx = gptq_assign(w, stats.hessian.to(w.device), table, row_mask)
     else:
-        idx = assign(rows, centroids, mask).reshape(out, cols)
+        idx = assign(w, table, row_mask) if table.shape[0] == out else assign(rows, table, mask).reshape(out, cols)
     if config.preserve_sparsity:
         centroids = torch.cat([torch.zeros_like(centroids[:, :1]), centroids], 1)
         idx = idx + 1  # -1 ("stays zero") becomes the zero cluster
-    return centroids, idx
+    return centroids, idx, scale
 
 
 @register_handler(ClusterConfig)
@@ -131,14 +152,14 @@ def cluster_model(model: nn.Module, config: ClusterConfig, batches: list[torch.T
     """Handler of ``hf_optim.cluster``: cluster every selected linear layer and attach its packed form."""
     targets = target_linears(model, config.include, config.exclude)
     _check_sizes(targets, config)
+    if config.needs_calibration and not batches:
+        raise ConfigError(f"{config} needs calibration data: pass tokenizer=... and calibration_texts=[...].")
 
     def compress(_name: str, module: nn.Module, stats: InputStats | None) -> None:
-        codebook, idx = cluster_weight(linear_weight(module), config, stats)
-        _pack(module, codebook, idx, config.preserve_sparsity)
+        codebook, idx, scale = cluster_weight(linear_weight(module), config, stats)
+        _pack(module, codebook, idx, config.preserve_sparsity, scale)
 
     if config.needs_calibration:
-        if not batches:
-            raise ConfigError(f"{config} needs calibration data: pass tokenizer=... and calibration_texts=[...].")
         compress_layerwise(model, batches, targets, compress, hessian=config.compensation == "gptq")
     else:
         for name, module in targets:
@@ -146,37 +167,41 @@ def cluster_model(model: nn.Module, config: ClusterConfig, batches: list[torch.T
 
 
 class ClusteredWeight(nn.Module):
-    """Parametrization ``weight = codebook[indices]``: the codebook ``[R, k]`` trains, the assignment is fixed.
+    """Parametrization ``weight = (scale ·) codebook[indices]``: the codebook (and row scale) train, the assignment
+    is fixed.
 
-    Registered by :func:`make_cluster_trainable`; ``parametrizations.weight.original`` is then the codebook. Its
-    gradient is, through the indexing, the sum of the gradients of the weights in each cluster.
+    Registered by :func:`make_cluster_trainable`; ``parametrizations.weight.original0`` is then the codebook
+    ``[R, k]`` and ``original1`` the row scale ``[out, 1]`` if the layer has one. Through the indexing, each
+    centroid's gradient is the sum of the gradients of the weights in its cluster.
     """
 
-    def __init__(self, indices: torch.Tensor, k: int, rows: int, zero_cluster: bool, transpose: bool) -> None:
+    def __init__(self, indices: torch.Tensor, factors: tuple[torch.Tensor, ...], zero_cluster: bool,
+                 transpose: bool) -> None:
         super().__init__()
+        k = factors[0].shape[1]
         # the smallest dtype that holds k indices (an int64 copy per weight would double a model's memory)
         self.register_buffer("indices", indices.to(torch.uint8 if k <= 256 else torch.int32))
         keep = torch.ones(1, k)
         keep[0, 0] = 0.0 if zero_cluster else 1.0
         self.register_buffer("keep", keep)  # pins the zero cluster of a sparsity-preserving codebook at 0
-        self.k, self.rows, self.zero_cluster, self.transpose = k, rows, zero_cluster, transpose
+        self.zero_cluster, self.transpose = zero_cluster, transpose
+        self._factors: tuple[torch.Tensor, ...] | None = factors  # handed over once, at registration
 
-    def forward(self, codebook: torch.Tensor) -> torch.Tensor:
-        codebook = codebook * self.keep.to(codebook.dtype)
-        idx = self.indices.long()
-        weight = codebook[0][idx] if self.rows == 1 else codebook.gather(1, idx)
+    def forward(self, codebook: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        table = codebook * self.keep.to(codebook.dtype)
+        if scale is not None:
+            table = scale * table
+        weight = _lookup(table, self.indices.long())
         return weight.t() if self.transpose else weight
 
-    @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """The codebook closest to a dense ``weight`` under the fixed assignment: each cluster's mean."""
-        w = (weight.t() if self.transpose else weight).double()
-        idx = self.indices.long()
-        flat = (idx + torch.arange(self.rows, device=idx.device).unsqueeze(1) * self.k).reshape(-1)
-        sums = torch.zeros(self.rows * self.k, dtype=torch.float64, device=w.device).index_add_(0, flat, w.reshape(-1))
-        counts = torch.zeros_like(sums).index_add_(0, flat, torch.ones_like(w.reshape(-1)))
-        # float64 sums of equal fp32 values are exact, so a weight that is already clustered maps to its codebook
-        return (sums / counts.clamp_min(1)).reshape(self.rows, self.k).to(weight.dtype)
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._factors is None:
+            raise ConfigError(
+                "A trainable clustered weight changes only through its codebook (parametrizations.weight.original*); "
+                "call finalize_clusters(model) first to assign a dense weight."
+            )
+        factors, self._factors = self._factors, None
+        return factors
 
 
 def _clustered(model: nn.Module) -> list[tuple[str, nn.Module, ClusteredWeight]]:
@@ -188,28 +213,30 @@ def _clustered(model: nn.Module) -> list[tuple[str, nn.Module, ClusteredWeight]]
 
 
 def make_cluster_trainable(model: nn.Module) -> list[nn.Parameter]:
-    """Make every clustered layer's codebook trainable with its assignment frozen; return the codebooks.
+    """Make every clustered layer's codebook (and row scale) trainable with its assignment frozen; return them.
 
     Works on a model clustered by :func:`hf_optim.cluster` or loaded with :func:`hf_optim.load_optimized`. Pass
-    the returned parameters to an optimizer (alone, or with other parameters such as norms). The packed form is
-    dropped while training (it would go stale); call :func:`finalize_clusters` before saving.
+    the returned parameters to an optimizer (alone, or with others such as norms): each weight stays
+    ``codebook[its cluster]``, so a row never holds more than k values. The packed form is dropped while training
+    (it would go stale); call :func:`finalize_clusters` before saving.
 
     Example:
         >>> codebooks = make_cluster_trainable(model)  # doctest: +SKIP
-        >>> optimizer = torch.optim.Adam(codebooks, lr=1e-4)  # doctest: +SKIP
+        >>> optimizer = torch.optim.Adam(codebooks, lr=1e-3)  # doctest: +SKIP
     """
     for _name, module in model.named_modules():
         packed = getattr(module, PACKED_ATTR, None)
         if packed is None or packed.codec != CODEC:
             continue
-        meta = packed.meta
+        meta, tensors, dtype = packed.meta, packed.tensors, module.weight.dtype
         out, cols = meta["shape"]
-        idx = unpack_bits(packed.tensors["indices"].cpu(), meta["bits"], out * cols).reshape(out, cols)
-        rows = packed.tensors["codebook"].shape[0]
-        clustered = ClusteredWeight(idx.to(module.weight.device), meta["k"], rows, meta["zero_cluster"], _is_conv1d(module))
+        idx = unpack_bits(tensors["indices"].cpu(), meta["bits"], out * cols).reshape(out, cols)
+        # the same casts as the decoder, so the parametrized weight starts bitwise equal to the current one
+        factors = tuple(tensors[part].to(module.weight.device, dtype) for part in ("codebook", "scale") if part in tensors)
+        clustered = ClusteredWeight(idx.to(module.weight.device), factors, meta["zero_cluster"], _is_conv1d(module))
         delattr(module, PACKED_ATTR)
         parametrize.register_parametrization(module, "weight", clustered)
-    params = [module.parametrizations.weight.original for _name, module, _p in _clustered(model)]
+    params = [p for _name, module, _c in _clustered(model) for p in module.parametrizations.weight.parameters()]
     if not params:
         raise ConfigError("The model has no clustered layers; run hf_optim.cluster(model, ClusterConfig(...)) first.")
     return params
@@ -225,9 +252,11 @@ def finalize_clusters(model: nn.Module) -> list[str]:
     """
     names = []
     for name, module, clustered in _clustered(model):
-        codebook = module.parametrizations.weight.original.detach() * clustered.keep.to(module.weight.dtype)
+        originals = module.parametrizations.weight.original0, getattr(module.parametrizations.weight, "original1", None)
+        codebook = originals[0].detach() * clustered.keep.to(originals[0].dtype)
+        scale = None if originals[1] is None else originals[1].detach()
         idx = clustered.indices.long()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        _pack(module, codebook, idx, clustered.zero_cluster)
+        _pack(module, codebook, idx, clustered.zero_cluster, scale)
         names.append(name)
     return names

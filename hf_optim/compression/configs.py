@@ -141,6 +141,7 @@ class ClusterConfig(CompressionConfig):
     n_clusters: int = 16
     init: str = "kmeans++"  # "linear" | "density" | "random" | "kmeans++"
     per_channel: bool = True
+    row_scale: bool = False  # with per_channel=False: the shared codebook is scaled per output row (+2 bytes a row)
     preserve_sparsity: bool = False  # zeros stay exactly zero (their own cluster)
     max_iter: int = 30
     seed: int = 0
@@ -161,6 +162,8 @@ class ClusterConfig(CompressionConfig):
             raise ConfigError(f"weighting={self.weighting!r} must be 'none' or 'activation'.")
         if self.compensation not in ("none", "gptq"):
             raise ConfigError(f"compensation={self.compensation!r} must be 'none' or 'gptq'.")
+        if self.row_scale and self.per_channel:
+            raise ConfigError("row_scale=True scales one shared codebook per row; set per_channel=False with it.")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

@@ -72,7 +72,9 @@ def _prune_targets(model: nn.Module, config: _PruneConfig) -> list[tuple[str, nn
 
 def _require_calibration(config: Any, batches: list[torch.Tensor] | None) -> None:
     if not batches:
-        raise ConfigError(f"{type(config).__name__} needs calibration data: pass tokenizer=... and calibration_texts=[...].")
+        raise ConfigError(
+            f"{type(config).__name__} needs calibration data: pass tokenizer=... and calibration_texts=[...]."
+        )
 
 
 @torch.no_grad()
@@ -120,7 +122,9 @@ def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, batches: list[tor
     """SparseGPT, layer by layer, with each layer's Hessian ``Σ x xᵀ`` from the calibration inputs."""
     targets = _prune_targets(model, config)
     if config.nm and config.block_size % config.nm[1]:
-        raise ConfigError(f"block_size={config.block_size} must be a multiple of M={config.nm[1]} for pattern {config.pattern!r}.")
+        raise ConfigError(
+            f"block_size={config.block_size} must be a multiple of M={config.nm[1]} for pattern {config.pattern!r}."
+        )
     _require_calibration(config, batches)
 
     @torch.no_grad()
@@ -201,7 +205,9 @@ def _keep_inputs(module: nn.Module, index: torch.Tensor) -> None:
         module.in_features = index.numel()
 
 
-def _input_norms(model: nn.Module, consumers: dict[str, nn.Module], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _input_norms(
+    model: nn.Module, consumers: dict[str, nn.Module], batches: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Σ x² per input feature of each consumer layer over the calibration tokens (nothing is changed)."""
     sq_norms: dict[str, torch.Tensor] = {}
 
@@ -212,8 +218,38 @@ def _input_norms(model: nn.Module, consumers: dict[str, nn.Module], batches: lis
     return sq_norms
 
 
+def _remove_mlp_channels(mlp_blocks, parts: Sequence[str], remove: int, norms: dict[int, torch.Tensor]) -> None:
+    for _, block in mlp_blocks:
+        producers = [getattr(block, p) for p in parts[:-1]]
+        consumer = getattr(block, parts[-1])
+        scores = mlp_channel_scores(
+            [linear_weight(p) for p in producers], linear_weight(consumer), norms.get(id(consumer))
+        )
+        keep = keep_indices(scores, remove)
+        for producer in producers:
+            _keep_outputs(producer, keep)
+        _keep_inputs(consumer, keep)
+
+
+def _remove_kv_groups(
+    attn_blocks, num_kv: int, per_group: int, head_dim: int, remove: int, norms: dict[int, torch.Tensor]
+) -> None:
+    for _, block in attn_blocks:
+        o_weight = linear_weight(block.o_proj)
+        scores = head_group_scores(linear_weight(block.v_proj), o_weight, num_kv, head_dim, norms.get(id(block.o_proj)))
+        groups = keep_indices(scores, remove)
+        kv_rows = expand_units(groups, head_dim)
+        q_rows = expand_units(expand_units(groups, per_group), head_dim)  # query heads g*r … g*r+r-1 share KV head g
+        _keep_outputs(block.q_proj, q_rows)
+        _keep_outputs(block.k_proj, kv_rows)
+        _keep_outputs(block.v_proj, kv_rows)
+        _keep_inputs(block.o_proj, q_rows)
+
+
 @register_handler(StructuredPruneConfig)
-def prune_structured(model: nn.Module, config: StructuredPruneConfig, batches: list[torch.Tensor] | None) -> dict[str, Any]:
+def prune_structured(
+    model: nn.Module, config: StructuredPruneConfig, batches: list[torch.Tensor] | None
+) -> dict[str, Any]:
     """Remove the least important KV groups (with their query heads) and MLP channels, the same count per layer."""
     cfg = model.config
     model_type = getattr(cfg, "model_type", None)
@@ -234,62 +270,41 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, batches: l
     prune_mlp = bool(config.mlp_fraction) and _selected(model, config, mlp_blocks, mlp_parts, "MLP channels")
     prune_heads = bool(config.heads_fraction) and _selected(model, config, attn_blocks, _ATTENTION, "attention heads")
     if bool(config.mlp_fraction) != prune_mlp or bool(config.heads_fraction) != prune_heads:
+        missing = "MLP" if bool(config.mlp_fraction) != prune_mlp else "attention"
         raise ConfigError(
-            f"include={config.include} exclude={config.exclude} select no {'MLP' if prune_heads else 'attention'} "
+            f"include={config.include} exclude={config.exclude} select no {missing} "
             f"block of {type(model).__name__}, but mlp_fraction={config.mlp_fraction} "
             f"heads_fraction={config.heads_fraction} ask to prune one; widen include or set that fraction to 0."
         )
-
-    consumer = mlp_parts[-1]
-    inter = linear_weight(getattr(mlp_blocks[0][1], consumer)).shape[1] if prune_mlp else 0
-    mlp_remove = _removal_count(config.mlp_fraction, inter, "MLP channel", "mlp_fraction") if prune_mlp else 0
-    num_heads = cfg.num_attention_heads
-    num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
-    head_dim = attn_blocks[0][1].q_proj.out_features // num_heads if prune_heads else 0
-    kv_remove = _removal_count(config.heads_fraction, num_kv, "KV-head group", "heads_fraction") if prune_heads else 0
+    inter = mlp_remove = num_heads = num_kv = head_dim = kv_remove = 0
+    if prune_mlp:
+        inter = linear_weight(getattr(mlp_blocks[0][1], mlp_parts[-1])).shape[1]
+        mlp_remove = _removal_count(config.mlp_fraction, inter, "MLP channel", "mlp_fraction")
+    if prune_heads:
+        num_heads = cfg.num_attention_heads
+        num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
+        head_dim = attn_blocks[0][1].q_proj.out_features // num_heads
+        kv_remove = _removal_count(config.heads_fraction, num_kv, "KV-head group", "heads_fraction")
+    norms: dict[int, torch.Tensor] = {}  # id(consumer layer) -> Σx² of its inputs
     if config.importance == "activation":
         _require_calibration(config, batches)
+        names = {id(m): name for name, m in model.named_modules()}
+        consumers = [getattr(b, mlp_parts[-1]) for _, b in mlp_blocks] if prune_mlp else []
+        consumers += [b.o_proj for _, b in attn_blocks] if prune_heads else []
+        by_name = _input_norms(model, {names[id(m)]: m for m in consumers}, batches)
+        norms = {id(m): by_name[names[id(m)]] for m in consumers}
     params_before = sum(p.numel() for p in model.parameters())
 
-    names = {id(m): name for name, m in model.named_modules()}
-    norms: dict[str, torch.Tensor] = {}
-    if config.importance == "activation":
-        consumers = {}
-        if prune_mlp:
-            consumers.update({names[id(getattr(b, consumer))]: getattr(b, consumer) for _, b in mlp_blocks})
-        if prune_heads:
-            consumers.update({names[id(b.o_proj)]: b.o_proj for _, b in attn_blocks})
-        norms = _input_norms(model, consumers, batches)
-
     if prune_mlp:
-        for _, block in mlp_blocks:
-            producers = [getattr(block, p) for p in mlp_parts[:-1]]
-            down = getattr(block, consumer)
-            scores = mlp_channel_scores([linear_weight(p) for p in producers], linear_weight(down), norms.get(names[id(down)]))
-            keep = keep_indices(scores, mlp_remove)
-            for producer in producers:
-                _keep_outputs(producer, keep)
-            _keep_inputs(down, keep)
+        _remove_mlp_channels(mlp_blocks, mlp_parts, mlp_remove, norms)
         if model_type == "gpt2":
             cfg.n_inner = inter - mlp_remove
         else:
             cfg.intermediate_size = inter - mlp_remove
-
     if prune_heads:
         per_group = num_heads // num_kv
-        for _, block in attn_blocks:
-            scores = head_group_scores(
-                linear_weight(block.v_proj), linear_weight(block.o_proj), num_kv, head_dim, norms.get(names[id(block.o_proj)])
-            )
-            groups = keep_indices(scores, kv_remove)
-            kv_rows = expand_units(groups, head_dim)
-            q_rows = expand_units(expand_units(groups, per_group), head_dim)
-            _keep_outputs(block.q_proj, q_rows)
-            _keep_outputs(block.k_proj, kv_rows)
-            _keep_outputs(block.v_proj, kv_rows)
-            _keep_inputs(block.o_proj, q_rows)
-        # explicit head_dim: hidden_size / num_attention_heads no longer gives it
-        cfg.head_dim = head_dim
+        _remove_kv_groups(attn_blocks, num_kv, per_group, head_dim, kv_remove, norms)
+        cfg.head_dim = head_dim  # explicit: hidden_size / num_attention_heads no longer gives it
         cfg.num_attention_heads = num_heads - kv_remove * per_group
         cfg.num_key_value_heads = num_kv - kv_remove
 

@@ -178,10 +178,10 @@ def _check_groups(targets: list[tuple[str, nn.Module]], group_size: int | None) 
     for name, module in targets:
         in_features = linear_weight(module).shape[1]
         if group_size is not None and in_features % group_size:
-            divisors = [d for d in (16, 32, 64, 128) if in_features % d == 0]
+            divisors = [d for d in range(2, in_features + 1) if in_features % d == 0]
             raise ConfigError(
                 f"group_size={group_size} does not divide in_features={in_features} of layer {name!r}; use a "
-                f"divisor{' such as ' + str(divisors) if divisors else ''} or exclude the layer."
+                f"divisor of {in_features} (e.g. {divisors[:8]}) or exclude the layer."
             )
 
 
@@ -355,6 +355,10 @@ def quantize_bnb(model: nn.Module, config: BnbInt8Config | BnbInt4Config, batche
             new.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=config.double_quant,
                                            quant_type=config.quant_type, quant_storage=torch.uint8,
                                            module=new).to(device)
+            # bitsandbytes 0.50's AVX512-BF16 CPU kernel needs out_features % 32 == 0 and whole 64-blocks per row
+            # (it crashes on stories260K's 172-wide MLP); such layers take bitsandbytes' generic path instead
+            fits = out_features % 32 == 0 and in_features % new.weight.blocksize == 0
+            new.support_avx512bf16_for_cpu = new.support_avx512bf16_for_cpu and fits
         if has_bias:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         new.source_cls = type(module)  # what transformers records, for GPT-2's Conv1D

@@ -23,6 +23,7 @@ import yaml
 
 from hf_optim.compression.api import cluster, prune, quantize
 from hf_optim.compression.configs import CompressionConfig, config_from_dict
+from hf_optim.core.config import load_yaml
 from hf_optim.core.errors import ConfigError
 
 _VERBS = {"prune": prune, "quantize": quantize, "cluster": cluster}
@@ -74,7 +75,7 @@ class CompressionRecipe:
                 raise ConfigError(f"Recipe file {text!r} does not exist.")
             text = path.read_text()
         try:
-            return cls.from_dict(yaml.safe_load(text))
+            return cls.from_dict(load_yaml(text))
         except yaml.YAMLError as exc:
             raise ConfigError(f"The recipe is not valid YAML: {exc}") from exc
 

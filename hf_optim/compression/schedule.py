@@ -90,7 +90,9 @@ class PolynomialDecay:
                 "never grow back, so the sparsity can only rise."
             )
         if not 0 <= self.begin_step < self.end_step:
-            raise ConfigError(f"Need 0 <= begin_step < end_step, got begin_step={self.begin_step} end_step={self.end_step}.")
+            raise ConfigError(
+                f"Need 0 <= begin_step < end_step, got begin_step={self.begin_step} end_step={self.end_step}."
+            )
         if self.frequency < 1 or self.power <= 0:
             raise ConfigError(f"frequency={self.frequency} must be >= 1 and power={self.power} > 0.")
 
@@ -143,24 +145,25 @@ class GradualPruner:
         self.targets = _prune_targets(model, config)
         empty = [name for name, module in self.targets if linear_weight(module).numel() == 0]
         if empty:
-            raise ConfigError(f"{empty[0]} holds no weight here (sharded by ZeRO-3/FSDP?); gradual pruning needs full weights.")
+            raise ConfigError(
+                f"{empty[0]} holds no weight here (sharded by ZeRO-3/FSDP?); gradual pruning needs full weights."
+            )
         self.masks: list[torch.Tensor] | None = None
         self.sparsity = 0.0
 
     def step(self, step: int) -> float:
-        """Call after optimizer step ``step``: update the masks if it is an update step, else re-apply them.
+        """Call after optimizer step ``step``: re-apply the masks, then update them if it is an update step.
 
         Returns the sparsity in force. A pruner created mid-way (e.g. on resume) first rebuilds its masks.
         """
+        self.apply_masks()  # first, so that an update ranks the weights with the pruned ones back at zero
         if self.schedule.is_update_step(step) or (self.masks is None and self.schedule.sparsity_at(step) > 0):
             self.update_masks(self.schedule.sparsity_at(step))
-        elif self.masks is not None:
-            self.apply_masks()
         return self.sparsity
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
-        """Rank the current weights by magnitude and prune them to ``sparsity``."""
+        """Rank the current weights by |w| and prune them to ``sparsity`` (pruned ones, being zero, stay pruned)."""
         weights = [linear_weight(module) for _, module in self.targets]
         if self.config.nm:
             m = self.config.nm[1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,22 @@ import yaml
 from hf_optim.core.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-6`` (no dot) as a float, as YAML 1.2 and Python do; PyYAML keeps it a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely, with YAML 1.2 floats (``3e-4`` is a number)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 _KIND = {int: "an integer", float: "a number", str: "a string"}
 
 
@@ -62,13 +79,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin in (list, tuple):
         (item_type, *_) = typing.get_args(annotation) or (Any,)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = load_yaml(value) if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, item_type, key) for v in value]
     if origin is dict or annotation is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}.")
         return dict(value)
@@ -117,7 +134,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"Override {item!r} is not of the form key=value.")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
         target = result
         *parents, leaf = key.split(".")
         for parent in parents:
@@ -143,7 +160,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping at top level, got {type(loaded).__name__}.")
         data = loaded

@@ -58,6 +58,13 @@ _CPU_MULTI_HINT = (
     "...`; `--cpu --num_processes N` and distributed_type MULTI_CPU start only one process without mpirun."
 )
 
+_DS_CONFIG_FILE_MESSAGE = (
+    "{where}: hf_optim takes DeepSpeed settings from the accelerate config's deepspeed_config keys (zero_stage, "
+    "offload_optimizer_device, offload_param_device, zero3_save_16bit_model) so that the recipe controls "
+    "accumulation, clipping and precision; a separate DeepSpeed JSON is not supported "
+    "(see accelerate_configs/zero2.yaml)."
+)
+
 
 class ConsolidationError(HfOptimError, RuntimeError):
     """Gathering the full model for saving produced missing or empty weights (the classic ZeRO-3 symptom)."""
@@ -156,8 +163,7 @@ def _strategy_from_env() -> _Strategy:
     if use_deepspeed:
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         if config_file != "none":
-            # A DeepSpeed JSON: the plugin reads it; stage and offload are checked once it is parsed.
-            return _Strategy("deepspeed")
+            raise ConfigError(_DS_CONFIG_FILE_MESSAGE.format(where=f"deepspeed_config_file={config_file!r}"))
         stage = _zero_stage(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), source)
         offload_opt = _offload_device(
             os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"), "offload_optimizer_device", source
@@ -205,10 +211,8 @@ def strategy_from_config_file(path: str | os.PathLike) -> str:
     if distributed_type == "DEEPSPEED":
         ds = config.get("deepspeed_config") or {}
         if ds.get("deepspeed_config_file"):
-            raise ConfigError(
-                f"deepspeed_config_file {source}: describe ZeRO with zero_stage/offload_* keys in the accelerate config "
-                "so the recipe controls accumulation and precision (see accelerate_configs/zero2.yaml)."
-            )
+            where = f"deepspeed_config_file={ds['deepspeed_config_file']!r} {source}"
+            raise ConfigError(_DS_CONFIG_FILE_MESSAGE.format(where=where))
         stage = _zero_stage(ds.get("zero_stage", 2), source)
         offload = (
             _offload_device(ds.get("offload_optimizer_device"), "offload_optimizer_device", source) != "none"
@@ -219,9 +223,8 @@ def strategy_from_config_file(path: str | os.PathLike) -> str:
         fsdp = config.get("fsdp_config") or {}
         _fsdp_version(fsdp.get("fsdp_version", 1), source)
         reshard = fsdp.get("fsdp_reshard_after_forward", True)
-        return _Strategy("fsdp", reshard_after_forward=_flag(reshard), offload=_flag(fsdp.get("fsdp_offload_params"))).name(
-            num_processes
-        )
+        offload = _flag(fsdp.get("fsdp_offload_params"))
+        return _Strategy("fsdp", reshard_after_forward=_flag(reshard), offload=offload).name(num_processes)
     return _Strategy("plain").name(num_processes)
 
 
@@ -247,7 +250,9 @@ def _check_mixed_precision(mixed_precision: str, on_cpu: bool) -> str:
                 f"{capability[0]}.{capability[1]} (Accelerate would silently fall back to fp16). Use 'bf16'."
             )
         if importlib.util.find_spec("torchao") is None:
-            raise ConfigError("mixed_precision='fp8' uses torchao's float8 training: `pip install torchao`, or use 'bf16'.")
+            raise ConfigError(
+                "mixed_precision='fp8' uses torchao's float8 training: `pip install torchao`, or use 'bf16'."
+            )
     launch_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launch_precision not in ("no", mixed_precision):
         _warn(
@@ -267,7 +272,9 @@ def _deepspeed_plugin(gradient_accumulation_steps: int, max_grad_norm: float | N
         )
     launch_clip = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
     if max_grad_norm is not None and launch_clip not in (None, "auto") and float(launch_clip) != float(max_grad_norm):
-        _warn(f"The accelerate config sets gradient_clipping={launch_clip}; the recipe's {max_grad_norm} is used instead.")
+        _warn(
+            f"The accelerate config sets gradient_clipping={launch_clip}; the recipe's {max_grad_norm} is used instead."
+        )
     plugin = DeepSpeedPlugin(
         gradient_accumulation_steps=gradient_accumulation_steps,
         # 0 disables clipping in DeepSpeed; left None, Accelerate fills "auto" with 1.0.
@@ -275,11 +282,9 @@ def _deepspeed_plugin(gradient_accumulation_steps: int, max_grad_norm: float | N
     )
     if max_grad_norm is not None:
         plugin.deepspeed_config["gradient_clipping"] = float(max_grad_norm)
-    source = "from the DeepSpeed config"
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
-    stage = _zero_stage(zero.get("stage", plugin.zero_stage), source)
-    offload_opt = _offload_device(zero.get("offload_optimizer", {}).get("device"), "offload_optimizer_device", source)
-    offload_param = _offload_device(zero.get("offload_param", {}).get("device"), "offload_param_device", source)
+    zero = plugin.deepspeed_config["zero_optimization"]  # stage and devices were validated from the env already
+    stage = int(zero["stage"])
+    offload_param = str(zero.get("offload_param", {}).get("device", "none")).lower()
     if offload_param != "none" and stage != 3:
         raise ConfigError(
             f"offload_param_device={offload_param!r} needs zero_stage 3 (got {stage}); use offload_optimizer_device "
@@ -396,7 +401,9 @@ def build_accelerator(
     if strategy.kind == "fsdp" and accelerator.distributed_type != DistributedType.FSDP:
         raise HfOptimError(f"FSDP was configured but Accelerate set up {accelerator.distributed_type}; please report.")
     if strategy.kind == "deepspeed" and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise HfOptimError(f"DeepSpeed was configured but Accelerate set up {accelerator.distributed_type}; please report.")
+        raise HfOptimError(
+            f"DeepSpeed was configured but Accelerate set up {accelerator.distributed_type}; please report."
+        )
     if launched and accelerator.num_processes != world_size:
         raise HfOptimError(
             f"The launcher started {world_size} processes but Accelerate joined {accelerator.num_processes}. "
@@ -423,9 +430,11 @@ def strategy_name(accelerator: Accelerator) -> str:
     if distributed_type == DistributedType.DEEPSPEED:
         zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         offload = any(
-            str(zero.get(key, {}).get("device", "none")).lower() != "none" for key in ("offload_optimizer", "offload_param")
+            str(zero.get(key, {}).get("device", "none")).lower() != "none"
+            for key in ("offload_optimizer", "offload_param")
         )
-        return _Strategy("deepspeed", zero_stage=int(zero.get("stage", 0)), offload=offload).name(accelerator.num_processes)
+        strategy = _Strategy("deepspeed", zero_stage=int(zero.get("stage", 0)), offload=offload)
+        return strategy.name(accelerator.num_processes)
     if distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
         offload = plugin.cpu_offload is not None and type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
@@ -497,7 +506,9 @@ def check_model(
         >>> check_model(model, accelerator, optimizer)
         >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     """
-    half = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+    half = sorted(
+        {str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)}
+    )
     if half and accelerator.mixed_precision == "no":
         _warn(
             f"The model has trainable {'/'.join(half)} parameters and mixed_precision='no' under "
@@ -514,7 +525,8 @@ def check_model(
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
         mappable = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
-        if offload != "none" and not isinstance(optimizer, mappable) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        forced = ds_config.get("zero_force_ds_cpu_optimizer", True)
+        if offload != "none" and not isinstance(optimizer, mappable) and forced:
             ds_config["zero_force_ds_cpu_optimizer"] = False
             _warn(
                 f"{type(optimizer).__name__} under DeepSpeed optimizer offload: Accelerate would replace it with "

@@ -52,6 +52,13 @@ class TrainConfig:
     gradient_checkpointing: CheckpointingMode = "off"
     checkpoint_every_n_layers: int = 2  # with gradient_checkpointing=selective
     activation_offload: bool = False
+    # --- gradual magnitude pruning during training (off unless pruning_final_sparsity is set) ---
+    pruning_final_sparsity: float | None = None
+    pruning_initial_sparsity: float = 0.0
+    pruning_begin_step: int = 0
+    pruning_end_step: int | None = None  # defaults to 80% of max_steps, so the last steps heal the pruned model
+    pruning_frequency: int = 10  # steps between mask updates; masks stay fixed in between
+    pruning_pattern: str | None = None  # e.g. "2:4"
     # --- checkpoints, evaluation, logging ---
     output_dir: str = "outputs/train_clm"
     save_every_n_steps: int = 0  # 0 = only at the end

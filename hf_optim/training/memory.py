@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hf_optim.core.config import load_yaml
 from hf_optim.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ HEADROOM = 0.10
 GIB = 1024**3
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations")
 
 
@@ -93,20 +93,16 @@ def _load_config(spec: Any, trust_remote_code: bool) -> tuple[str, Any]:
         return spec.model_type, spec
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         if not path.is_file():
             raise ConfigError(f"Recipe {str(path)!r} does not exist.")
-        recipe = yaml.safe_load(path.read_text()) or {}
+        recipe = load_yaml(path.read_text()) or {}
         model, model_config = recipe.get("model"), recipe.get("model_config")
         if (model is None) == (model_config is None):
             raise ConfigError(f"Recipe {str(path)!r} must set exactly one of `model` and `model_config`.")
         trust_remote_code = trust_remote_code or bool(recipe.get("trust_remote_code", False))
         if model is not None:
             return _load_config(model, trust_remote_code)
-        # YAML 1.1 reads 1e-6 (no dot) as a string; configs validate their field types
-        model_config = {k: float(v) if isinstance(v, str) and _FLOAT.fullmatch(v) else v
-                        for k, v in model_config.items()}
+        model_config = dict(model_config)
         if "model_type" not in model_config:
             raise ConfigError(f"`model_config` in {str(path)!r} needs a `model_type` (e.g. llama).")
         try:

@@ -64,10 +64,11 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2, help="Rows per rank per micro-batch.")
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--eps", type=float, default=1.0)
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="0 = no clipping (clipping hides scale errors).")
+    # Off by default: clipping rescales the gradient and would hide a wrong gradient scale.
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="0 = no clipping.")
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--rows-per-step", type=int, default=None, help="Default: micro_batch * accum * world size.")
     args = parser.parse_args()
@@ -90,8 +91,9 @@ def main() -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, eps=args.eps)
-    # Warm-up over 2 steps: a scheduler stepped more than once per optimizer step would change the losses.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2))
+    # Linear warm-up: a scheduler stepped more than once per optimizer step (Accelerate's default steps it once per
+    # rank) would raise the LR early and change the losses.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.steps))
 
     check_model(model, accelerator, optimizer)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -69,10 +69,11 @@ def gptq_quantize(
     static_groups = static_groups or act_order
     n_groups = cols // group_size
     w = weight.detach().float().clone()
+    hessian = hessian.to(w.device)
     w[:, hessian.diagonal() == 0] = 0.0
 
-    scale = torch.empty(rows, n_groups, dtype=torch.float16)
-    zero = None if symmetric else torch.empty(rows, n_groups, dtype=torch.int64)
+    scale = torch.empty(rows, n_groups, dtype=torch.float16, device=w.device)
+    zero = None if symmetric else torch.empty(rows, n_groups, dtype=torch.int64, device=w.device)
     if static_groups:
         for g in range(n_groups):
             s, z = rtn.group_params(w[:, g * group_size : (g + 1) * group_size], bits, symmetric)
@@ -80,12 +81,18 @@ def gptq_quantize(
             if zero is not None:
                 zero[:, g] = z
 
-    perm = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(cols, device=w.device)
+    order = perm.tolist()
     w = w[:, perm]
     u = inverse_hessian_factor(hessian[perm][:, perm], dampening).float()
-    # without act_order a block holds whole groups, so a group's parameters come from its updated columns
-    block_size = max(group_size, block_size // group_size * group_size) if not static_groups else block_size
-    codes = torch.zeros(rows, cols, dtype=torch.int64)
+    if not static_groups:
+        # a group's parameters come from its columns' current values when its first column is reached; that needs
+        # every group inside one block, or (groups wider than a block) every group starting on a block boundary
+        if group_size <= block_size:
+            block_size = block_size // group_size * group_size
+        else:
+            block_size = max(d for d in range(1, block_size + 1) if group_size % d == 0)
+    codes = torch.zeros(rows, cols, dtype=torch.int64, device=w.device)
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -93,10 +100,11 @@ def gptq_quantize(
         u_block = u[start:end, start:end]
         errors = torch.zeros_like(block)
         for i in range(end - start):
-            column = perm[start + i]
-            g = int(column) // group_size
+            column = order[start + i]
+            g = column // group_size
             if not static_groups and column % group_size == 0:
-                s, z = rtn.group_params(block[:, i : i + group_size], bits, symmetric)
+                current = torch.cat([block[:, i : i + group_size], w[:, end : start + i + group_size]], 1)
+                s, z = rtn.group_params(current, bits, symmetric)
                 scale[:, g] = s
                 if zero is not None:
                     zero[:, g] = z

@@ -58,7 +58,9 @@ def sparsegpt_prune(
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}; expected ({cols}, {cols}).")
     if nm and block_size % nm[1]:
-        raise ConfigError(f"SparseGPT block_size={block_size} must be a multiple of M={nm[1]} for pattern {nm[0]}:{nm[1]}.")
+        raise ConfigError(
+            f"SparseGPT block_size={block_size} must be a multiple of M={nm[1]} for pattern {nm[0]}:{nm[1]}."
+        )
     w = weight.detach().float().clone()
     u = _inverse_hessian_factor(hessian.to(w.device), dampening).float()
     keep = torch.ones_like(w, dtype=torch.bool)
