@@ -85,7 +85,7 @@ def _apply(
     handler = _handler_for(config)
     start = time.perf_counter()
     measured = handler(model, config, batches)
-    step = {**config.to_dict(), **(measured or {}), "seconds": round(time.perf_counter() - start, 3)}
+    step = {"kind": config.kind, **config.to_dict(), **(measured or {}), "seconds": round(time.perf_counter() - start, 3)}
     if batches is not None:
         step["calibration"] = {"samples": sum(len(b) for b in batches), "seq_len": int(batches[0].shape[1])}
     setattr(model, HISTORY_ATTR, [*compression_history(model), step])
