@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import hf_optim  # noqa: E402
+from hf_optim.compression.configs import DEFAULT_EXCLUDE  # noqa: E402
 from hf_optim.core.evaluation import evaluate_perplexity, parameter_stats, size_on_disk  # noqa: E402
 from hf_optim.core.texts import load_texts  # noqa: E402
 
@@ -57,8 +58,14 @@ def build_rows() -> dict[str, tuple[str, Callable | None]]:
     C = hf_optim
     rows: dict[str, tuple[str, Callable | None]] = {"fp32": ("baseline", None)}
     rows["int8-wo"] = ("quantize", _compress("quantize", lambda: C.Int8WeightOnlyConfig()))
-    rows["int4-rtn-g32"] = ("quantize", _compress("quantize", lambda: C.Int4WeightOnlyConfig(group_size=32)))
-    rows["int4-gptq-g32"] = ("quantize", _compress("quantize", lambda: C.Int4WeightOnlyConfig(group_size=32, method="gptq")))
+    # stories260K's down_proj has 172 inputs, which 32 does not divide: it gets groups of 43 in a second step
+    for algorithm in ("rtn", "gptq"):
+        rows[f"int4-{algorithm}-g32"] = ("quantize", _chain(
+            _compress("quantize", lambda a=algorithm: C.Int4WeightOnlyConfig(
+                group_size=32, method=a, exclude=[*DEFAULT_EXCLUDE, "*down_proj"])),
+            _compress("quantize", lambda a=algorithm: C.Int4WeightOnlyConfig(
+                group_size=43, method=a, include=["*down_proj"])),
+        ))
     for name, factory in _optional_quantization_rows().items():
         rows[name] = ("quantize", _compress("quantize", factory))
     rows["magnitude-50"] = ("prune", _compress("prune", lambda: C.MagnitudeConfig(sparsity=0.5)))
@@ -84,7 +91,7 @@ def _optional_quantization_rows() -> dict[str, Callable[[], object]]:
         ("bnb-nf4", "BnbInt4Config", {"quant_type": "nf4"}),
         ("torchao-int8-wo", "TorchAoInt8WeightOnlyConfig", {}),
         ("torchao-int8-dyn", "TorchAoInt8DynamicConfig", {}),
-        ("torchao-int4-g32", "TorchAoInt4WeightOnlyConfig", {"group_size": 32}),
+        ("torchao-int4-g32-down-fp32", "TorchAoInt4WeightOnlyConfig", {"group_size": 32, "exclude": [*DEFAULT_EXCLUDE, "*down_proj"]}),
     ]:
         try:
             cls = getattr(hf_optim, attr)

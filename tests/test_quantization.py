@@ -42,8 +42,8 @@ def _logits(model: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- pure functions
-@pytest.mark.parametrize("bits, group_size, symmetric", [(8, None, True), (8, 32, True), (4, 32, False), (4, 128, False),
-                                                         (4, 16, True)])
+@pytest.mark.parametrize("bits, group_size, symmetric",
+                         [(8, None, True), (8, 32, True), (4, 32, False), (4, 128, False), (4, 16, True)])
 def test_rtn_error_is_within_half_a_scale(bits, group_size, symmetric):
     w = _weight()
     q = rtn.quantize(w, bits, group_size, symmetric)
@@ -223,7 +223,7 @@ def test_recipes_reach_the_backend_configs():
 # ---------------------------------------------------------------- bitsandbytes
 @pytest.fixture
 def bnb():
-    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes==0.50.2)")
+    return pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install bitsandbytes==0.50.2)")
 
 
 @pytest.mark.parametrize("config, tolerance", [
@@ -250,6 +250,22 @@ def test_bnb_quantizes_in_place_and_reloads_with_from_pretrained(bnb, config, to
     assert isinstance(hf_optim.load_optimized(out).model.layers[0].mlp.down_proj, expected)
 
 
+def test_bnb_nf4_runs_a_172_wide_mlp_in_eval_mode_after_reload(bnb, tmp_path):
+    # stories260K's shape: bitsandbytes' AVX512-BF16 CPU kernel asserts on it unless prepare_bnb_model steps in
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    config = tiny_config("llama")
+    config.intermediate_size = 172
+    torch.manual_seed(0)
+    model = hf_optim.quantize(AutoModelForCausalLM.from_config(config).eval(), hf_optim.BnbInt4Config())
+    out = hf_optim.save_optimized(model, tmp_path / "nf4")
+    logits = _logits(model)
+    reloaded = hf_optim.load_optimized(out)
+    assert not reloaded.training and torch.allclose(_logits(reloaded), logits, atol=1e-5)
+
+
 def test_bnb_include_only_mlp_and_refuse_to_quantize_twice(bnb, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -265,7 +281,7 @@ def test_bnb_include_only_mlp_and_refuse_to_quantize_twice(bnb, tmp_path):
 # ---------------------------------------------------------------- torchao
 @pytest.fixture
 def torchao():
-    return pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao==0.18.0)")
+    return pytest.importorskip("torchao", reason="needs torchao (pip install torchao==0.18.0)")
 
 
 @pytest.mark.parametrize("config, tolerance", [
@@ -308,7 +324,8 @@ def test_gptq_beats_rtn_on_stories260k(stories260k_dir, shared_dir):
     tokenizer = AutoTokenizer.from_pretrained(stories260k_dir)
     stories = shared_dir / "corpora" / "tinystories"
     text = (stories / "niklas6_tinystories.txt").read_text()
-    calibration = [t for t in (stories / "cs336_tinystories_sample.txt").read_text().split("<|endoftext|>") if t.strip()]
+    samples = (stories / "cs336_tinystories_sample.txt").read_text().split("<|endoftext|>")
+    calibration = [t for t in samples if t.strip()]
     exclude = ["lm_head", "*embed*", "*down_proj"]  # down_proj has in_features=172, which 32 does not divide
 
     def perplexity(model) -> float:

@@ -79,7 +79,8 @@ class BnbInt8Config(CompressionConfig):
 
     def __post_init__(self) -> None:
         if self.threshold < 0:
-            raise ConfigError(f"threshold={self.threshold} must be >= 0 (6.0 is LLM.int8's default; 0 disables outliers).")
+            raise ConfigError(
+                f"threshold={self.threshold} must be >= 0 (6.0 is LLM.int8's default; 0 disables outliers).")
 
 
 @dataclasses.dataclass
@@ -315,6 +316,9 @@ class _DropFp16CastNote(logging.Filter):
         return "inputs will be cast from" not in record.getMessage()
 
 
+_FP16_CAST_NOTE = _DropFp16CastNote()
+
+
 def _backend_targets(model: nn.Module, config: CompressionConfig) -> list[tuple[str, nn.Module]]:
     _check_not_backend_quantized(model, config)
     return target_linears(model, config.include, config.exclude)
@@ -333,7 +337,6 @@ def quantize_bnb(model: nn.Module, config: BnbInt8Config | BnbInt4Config, batche
     skip = _skip_list(model, targets)
     if isinstance(config, BnbInt8Config):
         qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=config.threshold, llm_int8_skip_modules=skip)
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropFp16CastNote())
     else:
         qconfig = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=config.quant_type, bnb_4bit_use_double_quant=config.double_quant,
@@ -355,17 +358,37 @@ def quantize_bnb(model: nn.Module, config: BnbInt8Config | BnbInt4Config, batche
             new.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=config.double_quant,
                                            quant_type=config.quant_type, quant_storage=torch.uint8,
                                            module=new).to(device)
-            # bitsandbytes 0.50's AVX512-BF16 CPU kernel needs out_features % 32 == 0 and whole 64-blocks per row
-            # (it crashes on stories260K's 172-wide MLP); such layers take bitsandbytes' generic path instead
-            fits = out_features % 32 == 0 and in_features % new.weight.blocksize == 0
-            new.support_avx512bf16_for_cpu = new.support_avx512bf16_for_cpu and fits
         if has_bias:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         new.source_cls = type(module)  # what transformers records, for GPT-2's Conv1D
         new.train(module.training)  # bnb takes a different (dequantizing) path in training mode
         model.set_submodule(name, new)
+    prepare_bnb_model(model)
     _attach_quantizer(model, qconfig)
     return {"quantized_layers": len(targets)}
+
+
+def prepare_bnb_model(model: nn.Module) -> int:
+    """Make a model with bitsandbytes layers run on CPU; return how many 4-bit layers left the AVX512-BF16 kernel.
+
+    bitsandbytes 0.50 converts a ``Linear4bit`` to its AVX512-BF16 kernel's layout on the first eval forward on such
+    a CPU and asserts ``out_features % 32 == 0`` and whole blocks per row — stories260K's 172-wide MLP crashes it;
+    those layers take bitsandbytes' generic path instead. LLM.int8's per-call note about casting inputs to fp16 is
+    silenced. Called after quantizing and by :func:`hf_optim.load_optimized` (plain ``from_pretrained`` does not).
+
+    Example:
+        >>> prepare_bnb_model(model)  # doctest: +SKIP
+        10
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_FP16_CAST_NOTE)  # idempotent
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            if module.out_features % 32 or module.in_features % module.weight.blocksize:
+                module.support_avx512bf16_for_cpu = False
+                changed += 1
+    return changed
 
 
 def _torchao_apply(model: nn.Module, config: CompressionConfig) -> dict[str, Any]:

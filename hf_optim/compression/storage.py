@@ -221,6 +221,10 @@ def load_optimized(model_dir: str | Path, device: str | torch.device | None = No
             with torch.no_grad():
                 target.copy_(weight.t() if type(module).__name__ == "Conv1D" else weight)
             attach_packed(module, packed)
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        from hf_optim.compression.quantization import prepare_bnb_model
+
+        prepare_bnb_model(model)
     from hf_optim.compression.api import HISTORY_ATTR
 
     setattr(model, HISTORY_ATTR, record.get("steps", []))

@@ -105,7 +105,8 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetri
     scale, zero = group_params(groups, bits, symmetric)
     values = quantize_values(groups, scale, zero, bits).reshape(rows, cols)
     shape = (rows, cols // group_size)
-    return QuantizedWeight(values, scale.reshape(shape), None if zero is None else zero.reshape(shape), bits, group_size)
+    zero = None if zero is None else zero.reshape(shape)
+    return QuantizedWeight(values, scale.reshape(shape), zero, bits, group_size)
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
