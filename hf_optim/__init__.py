@@ -20,6 +20,8 @@ _LAZY_EXPORTS = {
     "estimate_memory": "hf_optim.training.memory",
     "MemoryEstimate": "hf_optim.training.memory",
     "collect_environment": "hf_optim.core.env",
+    "evaluate_perplexity": "hf_optim.core.evaluation",
+    "load_texts": "hf_optim.core.texts",
     # compression
     "prune": "hf_optim.compression.api",
     "quantize": "hf_optim.compression.api",
