@@ -36,6 +36,8 @@ _LAZY_EXPORTS = {
     "Int8WeightOnlyConfig": "hf_optim.compression.configs",
     "Int4WeightOnlyConfig": "hf_optim.compression.configs",
     "sparsity_report": "hf_optim.compression.pruning",
+    "make_cluster_trainable": "hf_optim.compression.clustering",
+    "finalize_clusters": "hf_optim.compression.clustering",
     "GradualPruner": "hf_optim.compression.schedule",
     "GradualPruningCallback": "hf_optim.compression.schedule",
     "PolynomialDecay": "hf_optim.compression.schedule",

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hf_optim.core.modeling import without_zero3_init
 from hf_optim.training.accelerator import build_accelerator, check_model, save_consolidated_model, strategy_name
 from hf_optim.training.activations import apply_activation_checkpointing
 from hf_optim.training.checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -92,7 +93,10 @@ def load_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     config = AutoConfig.for_model(model_type, **overrides)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init happens in full on every rank, outside ZeRO-3's zero.Init (which transformers 5.24 cannot run on
+    # rotary buffers): every strategy then starts from the same weights, and prepare() partitions them.
+    with without_zero3_init():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -140,13 +144,13 @@ def setup(cfg: TrainConfig) -> Run:
         )
     model = load_model(cfg, tokenizer)
     apply_activation_checkpointing(model, cfg.gradient_checkpointing, cfg.checkpoint_every_n_layers, cfg.activation_offload)
-    check_model(model, accelerator)
     model.train()
 
     train_loader = DataLoader(splits["train"], batch_size=cfg.micro_batch_size, shuffle=True, drop_last=True)
     eval_split = splits.get("validation")
     eval_loader = DataLoader(eval_split, batch_size=cfg.micro_batch_size) if eval_split is not None and len(eval_split) else None
     optimizer = build_optimizer(cfg, model)
+    check_model(model, accelerator, optimizer)  # dtype traps, FSDP layer classes, DeepSpeed's optimizer swap
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )
@@ -210,7 +214,7 @@ def train(run: Run) -> dict[str, float]:
     while state.step < cfg.max_steps:
         batches = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         result = accumulate_gradients(accelerator, run.model, batches)
-        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or float("inf"))
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)

@@ -102,10 +102,9 @@ class Row:
     mixed_precision: str
     processes: int
     threads_per_process: int
-    command: list[str] = dataclasses.field(default_factory=list)
-    env: dict[str, str] = dataclasses.field(default_factory=dict)  # what the benchmark sets on top of os.environ
     skip_reason: str | None = None
-    result: dict[str, Any] = dataclasses.field(default_factory=dict)
+    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one result per repeat
+    result: dict[str, Any] = dataclasses.field(default_factory=dict)  # the runs combined
 
     @property
     def dir_name(self) -> str:
@@ -186,34 +185,31 @@ def _yaml_scalar(value: Any) -> str:
     return text
 
 
-def plan_commands(rows: list[Row], shape: Shape, args: argparse.Namespace, corpus: Path, tokenizer_dir: Path,
-                  rows_dir: Path, device: str) -> None:
-    """Fill in each row's command line and environment."""
-    common = [
+def row_command(row: Row, run_dir: Path, shape: Shape, args: argparse.Namespace, corpus: Path, tokenizer_dir: Path,
+                device: str) -> tuple[list[str], dict[str, str]]:
+    """The command line of one run of ``row`` writing to ``run_dir``, and the variables it sets over os.environ."""
+    env = {"OMP_NUM_THREADS": str(row.threads_per_process)}
+    if row.config is None:
+        spec = {
+            "model_config": shape.model_config, "tokenizer": str(tokenizer_dir), "corpus": str(corpus),
+            "block_size": args.seq_len, "micro_batch_size": args.micro_batch_size, "steps": args.steps,
+            "log_every": args.log_every, "mixed_precision": row.mixed_precision, "output_dir": str(run_dir),
+        }
+        if device == "cuda":  # Trainer wraps the model in DataParallel when it sees several GPUs
+            env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        return [sys.executable, str(Path(__file__).resolve()), "--trainer-worker", json.dumps(spec)], env
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG_DIR / f"{row.config}.yaml"),
+              "--num_processes", str(row.processes), "--num_cpu_threads_per_process", str(row.threads_per_process)]
+    recipe = [
         *(f"model_config.{k}={_yaml_scalar(v)}" for k, v in shape.model_config.items()),
         f"tokenizer={tokenizer_dir}", f"train_files=[{corpus}]", "validation_split=0", f"block_size={args.seq_len}",
         f"micro_batch_size={args.micro_batch_size}", "gradient_accumulation_steps=1", f"max_steps={args.steps}",
         f"log_every_n_steps={args.log_every}", "save_every_n_steps=0", "eval_every_n_steps=0", f"seed={SEED}",
         f"checkpoint_every_n_layers={args.checkpoint_every_n_layers}",
+        f"mixed_precision={_yaml_scalar(row.mixed_precision)}", f"gradient_checkpointing={_yaml_scalar(row.checkpointing)}",
+        f"output_dir={run_dir}",
     ]
-    for row in rows:
-        row_dir = rows_dir / row.dir_name
-        row.env = {"OMP_NUM_THREADS": str(row.threads_per_process)}
-        if row.config is None:
-            spec = {
-                "model_config": shape.model_config, "tokenizer": str(tokenizer_dir), "corpus": str(corpus),
-                "block_size": args.seq_len, "micro_batch_size": args.micro_batch_size, "steps": args.steps,
-                "log_every": args.log_every, "mixed_precision": row.mixed_precision, "output_dir": str(row_dir),
-            }
-            row.command = [sys.executable, str(Path(__file__).resolve()), "--trainer-worker", json.dumps(spec)]
-            if device == "cuda":  # Trainer wraps the model in DataParallel when it sees several GPUs
-                row.env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-            continue
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(CONFIG_DIR / f"{row.config}.yaml"), "--num_processes", str(row.processes),
-                  "--num_cpu_threads_per_process", str(row.threads_per_process)]
-        row.command = [*launch, str(RECIPE), *common, f"mixed_precision={_yaml_scalar(row.mixed_precision)}",
-                       f"gradient_checkpointing={_yaml_scalar(row.checkpointing)}", f"output_dir={row_dir}"]
+    return [*launch, str(RECIPE), *recipe], env
 
 
 # ---------------------------------------------------------------- reading results
@@ -248,6 +244,7 @@ def summarize_log(path: Path) -> dict[str, Any]:
         "measured_windows": len(measured),
         "measured_steps": windows[-1]["step"] - windows[0]["step"],
         "measured_s": elapsed,
+        "window_tokens_per_s": [r["tokens_per_s"] for r in measured],
         "peak_memory": {k: max(r[k] for r in windows if k in r) for k in memory_keys},
         "last_loss": losses[-1] if losses else None,
     }
@@ -271,21 +268,22 @@ def extract_error(log_text: str) -> str:
     return " | ".join(lines[-3:]) or "no output"
 
 
-def run_row(row: Row, rows_dir: Path, timeout: float, keep_artifacts: bool) -> None:
-    """Run one row in its own process group; fill ``row.result`` with its metrics or its error."""
-    row_dir = rows_dir / row.dir_name
-    if row_dir.exists():
-        shutil.rmtree(row_dir)  # the recipe appends to train_log.jsonl: a stale one would mix two runs
-    row_dir.mkdir(parents=True)
-    log_path = row_dir / "output.log"
-    if row.config is not None and row.processes > 1:  # picked now: a port free at planning time may not be later
-        at = row.command.index(str(RECIPE))
-        row.command[at:at] = ["--main_process_port", str(_free_port())]
-    env = {**os.environ, **row.env}
+def run_once(command: list[str], env_vars: dict[str, str], run_dir: Path, timeout: float,
+             keep_artifacts: bool) -> dict[str, Any]:
+    """Run one command in its own process group; its metrics read from ``run_dir``, or its error."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the recipe appends to train_log.jsonl: a stale one would mix two runs
+    run_dir.mkdir(parents=True)
+    log_path = run_dir / "output.log"
+    if str(RECIPE) in command and "--num_processes" in command and command[command.index("--num_processes") + 1] != "1":
+        at = command.index(str(RECIPE))  # a port picked now: one free at planning time may not be later
+        command = [*command[:at], "--main_process_port", str(_free_port()), *command[at:]]
+    result: dict[str, Any] = {"command": shlex.join(command), "env": env_vars, "log": str(log_path),
+                              "loadavg_1m_at_start": os.getloadavg()[0]}
     start = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(row.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env_vars},
+                                cwd=REPO_ROOT, start_new_session=True)
         try:
             returncode, timed_out = proc.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
@@ -295,17 +293,17 @@ def run_row(row: Row, rows_dir: Path, timeout: float, keep_artifacts: bool) -> N
             raise
         if timed_out:
             _kill_group(proc)
-    result: dict[str, Any] = {"wall_s": round(time.perf_counter() - start, 1), "log": str(log_path)}
+    result["wall_s"] = round(time.perf_counter() - start, 1)
     if timed_out:
         result.update(status="error", error=f"timed out after {timeout:.0f} s (--row-timeout)")
     elif returncode != 0:
         result.update(status="error", error=f"exit code {returncode}: {extract_error(log_path.read_text(errors='replace'))}")
     else:
         try:
-            result.update(summarize_log(row_dir / "train_log.jsonl"), status="ok")
+            result.update(summarize_log(run_dir / "train_log.jsonl"), status="ok")
         except RuntimeError as exc:
             result.update(status="error", error=str(exc))
-        summary_path = row_dir / "summary.json"
+        summary_path = run_dir / "summary.json"
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
             result["strategy"] = summary.get("strategy")
@@ -313,8 +311,37 @@ def run_row(row: Row, rows_dir: Path, timeout: float, keep_artifacts: bool) -> N
                 result["last_loss"] = summary.get("last_loss")
     if not keep_artifacts:  # a 1.1B row leaves ~18 GB of checkpoint and model behind
         for name in ("checkpoints", "model", "tokenizer"):
-            shutil.rmtree(row_dir / name, ignore_errors=True)
-    row.result.update(result)
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    return result
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row result from its repeats: medians of the rates, the highest peak memory, the range of window rates.
+
+    A row with a failed repeat reports that failure (a strategy that fails once is not a number to compare).
+    """
+    failed = next((r for r in runs if r["status"] != "ok"), None)
+    if failed is not None:
+        return {"status": failed["status"], "error": failed["error"], "strategy": failed.get("strategy")}
+
+    def median(key: str) -> float | None:
+        values = sorted(r[key] for r in runs if r[key] is not None)
+        if len(values) < len(runs):
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    windows = [w for r in runs for w in r["window_tokens_per_s"]]
+    peaks: dict[str, float] = {}
+    for r in runs:
+        for key, value in r["peak_memory"].items():
+            peaks[key] = max(value, peaks.get(key, value))
+    return {
+        "status": "ok", "strategy": runs[0].get("strategy"), "tokens_per_s": median("tokens_per_s"),
+        "tflops_per_device": median("tflops_per_device"), "mfu": median("mfu"), "peak_memory": peaks,
+        "tokens_per_s_runs": [r["tokens_per_s"] for r in runs], "window_tokens_per_s_range": [min(windows), max(windows)],
+        "last_loss": runs[-1].get("last_loss"),
+    }
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -403,6 +430,13 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _tokens_cell(result: dict[str, Any]) -> str:
+    if result.get("tokens_per_s") is None:
+        return "–"
+    low, high = result["window_tokens_per_s_range"]
+    return f"{result['tokens_per_s']:,.0f} ({low:,.0f}–{high:,.0f})"
+
+
 def _memory_cell(peak: dict[str, float]) -> str:
     if "gpu_peak_allocated_gib" in peak:
         return f"{peak['gpu_peak_allocated_gib']:.2f} / {peak.get('gpu_peak_reserved_gib', float('nan')):.2f}"
@@ -440,9 +474,9 @@ def markdown(report: dict[str, Any], rows: list[Row]) -> str:
         f"## Training throughput — {report['device']}, {model['shape']} "
         f"({model['parameters'] / 1e6:,.1f}M parameters), micro-batch {training['micro_batch_size']} × "
         f"seq {training['seq_len']}, {training['steps']} steps, windows of {training['log_every_n_steps']} "
-        "(first ignored)",
+        f"(first ignored), median of {training['repeats']} run(s) per row",
         "",
-        f"| row | strategy | procs × threads | checkpointing | precision | tokens/s | TFLOP/s/device | MFU | "
+        f"| row | strategy | procs × threads | checkpointing | precision | tokens/s (window range) | TFLOP/s/device | MFU | "
         f"{'peak GPU alloc / reserved GiB' if gpu else 'peak RSS GiB (rank 0)'} | vs Trainer | status |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -454,7 +488,7 @@ def markdown(report: dict[str, Any], rows: list[Row]) -> str:
             status = f"{status}: {error[:160]}{'…' if len(error) > 160 else ''}".replace("|", "\\|")
         lines.append(
             f"| {row.name} | {r.get('strategy', '?')} | {row.processes} × {row.threads_per_process} | "
-            f"{row.checkpointing} | {row.mixed_precision} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
+            f"{row.checkpointing} | {row.mixed_precision} | {_tokens_cell(r)} | "
             f"{_fmt(r.get('tflops_per_device'), '.3g')} | "
             f"{_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '.1f', '%')} | "
             f"{_memory_cell(r.get('peak_memory', {})) if status == 'ok' else '–'} | "
@@ -478,7 +512,8 @@ METHOD = (
     "Method: tokens/s = tokens of logging windows 2..n / their wall time (window 1 is warm-up); the Trainer row uses "
     "the same ThroughputMeter from TrainerCallback.on_step_end. MFU = model FLOPs (6N + 12·L·H·Q·T per token, no "
     "recompute) per device over the device peak (CPU: measured matmul peak of that process). Peak memory is rank 0's "
-    "lifetime peak RSS (CPU) or peak CUDA allocated/reserved. Multi-process rows split the cores between processes."
+    "lifetime peak RSS (CPU) or peak CUDA allocated/reserved. Multi-process rows split the cores between processes. "
+    "The range in brackets is the slowest and fastest measured window over all runs: a wide one means a noisy machine."
 )
 
 
@@ -503,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Training text (.txt, blank-line separated); default: CPython's pydoc topics.")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/bench_train"))
     parser.add_argument("--json-out", type=Path, help="Default: <output-dir>/bench_train.json.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Runs per row, round-robin over the rows; rates are the median run (default 1).")
     parser.add_argument("--row-timeout", type=float, default=1800, help="Seconds before a row is killed.")
     parser.add_argument("--keep-artifacts", action="store_true", help="Keep each row's checkpoints and model.")
     parser.add_argument("--dry-run", action="store_true", help="Print the commands for the chosen device; run nothing.")
@@ -511,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for name in ("steps", "log_every", "seq_len", "micro_batch_size", "checkpoint_every_n_layers", "threads"):
+    for name in ("steps", "log_every", "seq_len", "micro_batch_size", "checkpoint_every_n_layers", "threads", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1.")
@@ -587,24 +624,26 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = args.output_dir.resolve()
     json_out = (args.json_out or output_dir / "bench_train.json").resolve()
-    rows_dir = output_dir / "rows"
     corpus = args.corpus.resolve() if args.corpus else output_dir / "corpus" / "pydoc_topics.txt"
     tokenizer_dir = output_dir / "tokenizer"
-    plan_commands(rows, shape, args, corpus, tokenizer_dir, rows_dir, device)
     facts = model_facts(shape, args.seq_len)
     shape_name = args.shape or default_shape
+
+    def command(row: Row, run: int) -> tuple[list[str], dict[str, str]]:
+        run_dir = output_dir / "rows" / row.dir_name / f"run-{run}"
+        return row_command(row, run_dir, shape, args, corpus, tokenizer_dir, device)
 
     if args.dry_run:
         print(f"# bench_train plan: device={device}, shape {shape_name} ({facts['parameters']:,} parameters), "
               f"micro-batch {args.micro_batch_size} x seq {args.seq_len}, {args.steps} steps, logging windows of "
-              f"{args.log_every} (the first is warm-up)")
+              f"{args.log_every} (the first is warm-up), {args.repeats} run(s) per row, round-robin")
         print(f"# prepare: corpus {corpus}; tokenizer (vocab {shape.model_config['vocab_size']}) -> {tokenizer_dir}")
         for row in rows:
-            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in row.env.items())
             if row.skip_reason:
                 print(f"[{row.name}] skipped: {row.skip_reason}")
-            else:
-                print(f"[{row.name}] {env} {shlex.join(row.command)}")
+                continue
+            cmd, env = command(row, 1)
+            print(f"[{row.name}] {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())} {shlex.join(cmd)}")
         return 0
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -615,29 +654,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] preparing corpus and tokenizer in {output_dir}", file=sys.stderr)
     prepare_data(args.corpus, output_dir, shape.model_config["vocab_size"])
     machine = machine_info()
-    for index, row in enumerate(rows, start=1):
-        if row.skip_reason:
-            row.result.update(status="skipped", error=row.skip_reason)
-        else:
-            print(f"[bench] {index}/{len(rows)} {row.name}: {row.processes} process(es) x "
-                  f"{row.threads_per_process} thread(s) ...", file=sys.stderr, flush=True)
-            row.result["loadavg_1m_at_start"] = os.getloadavg()[0]
-            run_row(row, rows_dir, args.row_timeout, args.keep_artifacts)
-        if row.result.get("strategy") is None and row.config is not None:
-            from hf_optim.training.accelerator import strategy_from_config_file
+    if device == "cpu" and machine["loadavg_1m_at_start"] > usable:
+        print(f"[bench] warning: load average {machine['loadavg_1m_at_start']:.1f} on {usable} usable cores: other "
+              "processes compete with the rows, so numbers will drift (see --repeats; --threads 1 avoids OpenMP "
+              "threads waiting on a busy core)", file=sys.stderr)
+    # Round-robin over the rows: a slow drift in machine load spreads over every row instead of hitting a few.
+    for run in range(1, args.repeats + 1):
+        for index, row in enumerate(rows, start=1):
+            if row.skip_reason or (row.runs and row.runs[-1]["status"] != "ok"):
+                continue  # a failed row is not retried: its error is the result
+            print(f"[bench] run {run}/{args.repeats}, row {index}/{len(rows)} {row.name}: {row.processes} process(es) "
+                  f"x {row.threads_per_process} thread(s) ...", file=sys.stderr, flush=True)
+            cmd, env = command(row, run)
+            result = run_once(cmd, env, output_dir / "rows" / row.dir_name / f"run-{run}", args.row_timeout,
+                              args.keep_artifacts)
+            row.runs.append(result)
+            print(f"[bench]   {result['status']}: " + (f"{result['tokens_per_s']:,.0f} tokens/s, {result['wall_s']} s"
+                  if result["status"] == "ok" else result["error"]), file=sys.stderr, flush=True)
 
+    from hf_optim.training.accelerator import strategy_from_config_file
+
+    for row in rows:
+        row.result = combine_runs(row.runs) if row.runs else {"status": "skipped", "error": row.skip_reason}
+        if row.config is None:
+            row.result["strategy"] = "hf-trainer"
+        elif row.result.get("strategy") is None:  # failed before writing summary.json: what the config asks for
             try:
                 row.result["strategy"] = strategy_from_config_file(CONFIG_DIR / f"{row.config}.yaml")
-            except ValueError as exc:
+            except ConfigError as exc:
                 row.result["strategy"] = f"invalid: {exc}"
-        row.result.setdefault("strategy", "hf-trainer" if row.config is None else None)
-        r = row.result
-        print(f"[bench]   {r['status']}: " + (f"{r['tokens_per_s']:,.0f} tokens/s in {r['wall_s']} s"
-                                             if r["status"] == "ok" else r.get("error", "")), file=sys.stderr)
-
-    baseline = next((row.result for row in rows if row.config is None and row.result.get("status") == "ok"), None)
+    baseline = next((row.result for row in rows if row.config is None and row.result["status"] == "ok"), None)
     for row in rows:
-        if baseline and row.result.get("status") == "ok":
+        if baseline and row.result["status"] == "ok":
             row.result["relative_to_trainer"] = row.result["tokens_per_s"] / baseline["tokens_per_s"]
 
     report = {
@@ -649,12 +697,13 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"shape": shape_name, **shape.model_config, **facts},
         "training": {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
                      "gradient_accumulation_steps": 1, "steps": args.steps, "log_every_n_steps": args.log_every,
+                     "repeats": args.repeats,
                      "warmup_windows_ignored": 1, "checkpoint_every_n_layers": args.checkpoint_every_n_layers,
                      "corpus": str(corpus)},
         "method": METHOD,
         "rows": [{"name": row.name, "accelerate_config": row.config, "processes": row.processes,
                   "omp_threads_per_process": row.threads_per_process, "gradient_checkpointing": row.checkpointing,
-                  "mixed_precision": row.mixed_precision, "command": shlex.join(row.command), **row.result}
+                  "mixed_precision": row.mixed_precision, **row.result, "runs": row.runs}
                  for row in rows],
     }
     report["checkpointing_tradeoffs"] = checkpointing_tradeoffs(rows)

@@ -54,14 +54,17 @@ def test_two_rows_give_json_and_table(tmp_path):
         assert row["status"] == "ok", row
         assert row["tokens_per_s"] > 0 and row["tflops_per_device"] > 0 and 0 < row["mfu"] < 1
         assert row["peak_memory"]["cpu_peak_rss_gib"] > 0.05
-        assert row["measured_windows"] == 1 and row["measured_steps"] == 2  # window 1 of 2 is warm-up
-        assert row["omp_threads_per_process"] == 1 and row["processes"] == 1
+        (run,) = row["runs"]
+        assert run["measured_windows"] == 1 and run["measured_steps"] == 2  # window 1 of 2 is warm-up
+        assert run["env"]["OMP_NUM_THREADS"] == "1" and row["processes"] == 1
+        assert row["tokens_per_s"] == run["tokens_per_s"] and row["last_loss"] > 0
     assert rows["cpu_single:off"]["strategy"] == "single" and rows["trainer"]["strategy"] == "hf-trainer"
     ratio = rows["cpu_single:off"]["tokens_per_s"] / rows["trainer"]["tokens_per_s"]
     assert rows["cpu_single:off"]["relative_to_trainer"] == pytest.approx(ratio)
     assert rows["trainer"]["relative_to_trainer"] == 1.0
     assert report["model"]["parameters"] == 43_168 and report["machine"]["cpu"]["usable_cores"] >= 1
-    assert not (out / "rows" / "cpu_single-off" / "checkpoints").exists()  # artifacts removed by default
+    assert (out / "rows" / "cpu_single-off" / "run-1" / "train_log.jsonl").is_file()
+    assert not (out / "rows" / "cpu_single-off" / "run-1" / "checkpoints").exists()  # artifacts removed by default
 
     table = (out / "bench_train.md").read_text()
     assert table in proc.stdout
@@ -128,6 +131,22 @@ def test_rates_skip_the_warmup_window_and_weight_by_time(tmp_path):
     log.write_text(log.read_text().splitlines()[0] + "\n")
     with pytest.raises(RuntimeError, match="1 logging window"):
         bench_train.summarize_log(log)
+
+
+def test_repeats_combine_to_the_median_and_a_failure_wins():
+    combine_runs = load_script().combine_runs
+
+    def run(tokens_per_s, rss, windows):
+        return {"status": "ok", "strategy": "ddp", "tokens_per_s": tokens_per_s, "tflops_per_device": tokens_per_s / 1e3,
+                "mfu": None, "peak_memory": {"cpu_peak_rss_gib": rss}, "window_tokens_per_s": windows, "last_loss": 4.0}
+
+    combined = combine_runs([run(100.0, 0.5, [90, 110]), run(300.0, 0.7, [280, 320]), run(120.0, 0.6, [80, 130])])
+    assert combined["tokens_per_s"] == 120.0 and combined["tflops_per_device"] == 0.12 and combined["mfu"] is None
+    assert combined["peak_memory"] == {"cpu_peak_rss_gib": 0.7} and combined["window_tokens_per_s_range"] == [80, 320]
+    assert combine_runs([run(100.0, 0.5, [1]), run(200.0, 0.5, [2])])["tokens_per_s"] == 150.0
+
+    failed = {"status": "error", "error": "exit code 1: RuntimeError: boom"}
+    assert combine_runs([run(100.0, 0.5, [1]), failed]) == {"status": "error", "error": failed["error"], "strategy": None}
 
 
 def test_error_extraction_finds_the_worker_exception():

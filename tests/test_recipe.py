@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_optim.training.data import builtin_corpus
 from tests.helpers import REPO_ROOT
@@ -141,3 +142,31 @@ def test_recipe_gradual_pruning_follows_the_schedule_and_keeps_masks(corpus, tmp
         for proj in (layer.self_attn.q_proj, layer.mlp.down_proj):
             assert (proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert (model.lm_head.weight == 0).float().mean().item() < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["cpu_multi", "fsdp2_full_shard", "zero3"])
+def test_recipe_under_accelerate_launch_with_two_processes(corpus, tmp_path, strategy):
+    """The user path: `accelerate launch --config_file accelerate_configs/<strategy>.yaml recipes/train_clm.py ...`,
+    ending in a consolidated folder that from_pretrained loads (ZeRO-3 and FSDP2 shard the weights while training)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import free_port
+
+    out = tmp_path / strategy
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / f"{strategy}.yaml"), "--num_processes", "2",
+        "--main_process_port", str(free_port()), str(RECIPE), *TINY, f"train_files=[{corpus}]", f"output_dir={out}",
+        "max_steps=4", "save_every_n_steps=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".torch_extensions"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["strategy"] != "single"
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all(p.numel() > 0 and torch.isfinite(p).all() for p in model.parameters())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]

@@ -125,7 +125,7 @@ def _assert_same_training(result: dict, out: Path, ref: dict, ref_out: Path, con
     trained, expected = torch.load(out / "final_state.pt"), torch.load(ref_out / "final_state.pt")
     assert trained.keys() == expected.keys()
     for name, tensor in expected.items():
-        torch.testing.assert_close(trained[name], tensor, atol=1e-4, rtol=0, msg=f"{config}: weight {name} differs")
+        torch.testing.assert_close(trained[name], tensor, atol=1e-5, rtol=0, msg=f"{config}: weight {name} differs")
 
 
 # ----------------------------------------------------------------------------------------------------------------

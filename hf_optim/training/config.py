@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 10
     lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
     # --- memory ---
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: CheckpointingMode = "off"
@@ -76,6 +76,8 @@ class TrainConfig:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "block_size", "keep_last_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping).")
         if not 0.0 <= self.validation_split < 1.0:
             raise ConfigError(f"validation_split={self.validation_split} must be in [0, 1).")
         if self.checkpoint_every_n_layers < 1:

@@ -125,12 +125,12 @@ def load_model_shape(spec: str | Path | PretrainedConfig, trust_remote_code: boo
         >>> shape = load_model_shape("path/to/config.json")  # doctest: +SKIP
     """
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from hf_optim.core.modeling import meta_model
 
     name, config = _load_config(spec, trust_remote_code)
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = meta_model(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise ConfigError(f"{name!r} is not a causal LM that transformers can build ({exc}).") from None
     block_names = set(getattr(model, "_no_split_modules", None) or ())

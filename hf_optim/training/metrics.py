@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from hf_optim.core.errors import ConfigError
+from hf_optim.core.modeling import meta_model
 
 PEAK_TFLOPS_ENV = "HF_OPTIM_PEAK_TFLOPS"
 
@@ -84,7 +85,7 @@ def flops_per_token(config: Any, seq_len: int) -> float:
         >>> flops_per_token(config, seq_len=128)  # 6 * 106_816 non-embedding params + 12 * 2 * 4 * 16 * 128
         837504.0
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, dict):
         if "model_type" not in config:
@@ -99,8 +100,7 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     heads = _first_attr(text, ("num_attention_heads", "n_head"))
     head_dim = getattr(text, "head_dim", None) or _first_attr(text, ("hidden_size", "n_embd")) // heads
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     tables = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     head = model.get_output_embeddings()

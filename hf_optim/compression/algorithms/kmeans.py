@@ -127,7 +127,7 @@ def kmeans_1d(
         >>> [round(x, 2) for x in c[0].tolist()]
         [0.05, 5.1]
     """
-    values = values.float()
+    values = values.float().contiguous()
     w = _weights(values, weights, mask).double()
     centroids = init_centroids(values, k, init, mask, w, seed)
     ordered, order = values.sort(1)
@@ -201,7 +201,7 @@ def gptq_assign(
         inv = factor[start:stop, start:stop]
         for i in range(stop - start):
             column = block[:, i]
-            nearest = torch.searchsorted(bounds, column.unsqueeze(1), right=True)
+            nearest = torch.searchsorted(bounds, column.unsqueeze(1).contiguous(), right=True)
             rounded = table.gather(1, nearest).squeeze(1)
             nearest = nearest.squeeze(1)
             if keep is not None:
