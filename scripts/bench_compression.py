@@ -79,6 +79,9 @@ def build_rows() -> dict[str, tuple[str, Callable | None]]:
         "prune", lambda: C.StructuredPruneConfig(mlp_fraction=0.25, importance="activation")))
     rows["cluster-16"] = ("cluster", _compress("cluster", lambda: C.ClusterConfig(n_clusters=16, per_channel=False)))
     rows["cluster-16-per-channel"] = ("cluster", _compress("cluster", lambda: C.ClusterConfig(n_clusters=16)))
+    # one shared codebook scaled per output row, with GPTQ-style error compensation: the size target's variant
+    rows["cluster-16-rowscale-gptq"] = ("cluster", _compress("cluster", lambda: C.ClusterConfig(
+        n_clusters=16, init="density", per_channel=False, row_scale=True, compensation="gptq")))
     rows["wanda-2:4+int8"] = ("chain", _chain(rows["wanda-2:4"][1], rows["int8-wo"][1]))
     return rows
 
@@ -197,7 +200,7 @@ def targets(results: dict[str, dict], speed: dict | None = None) -> list[dict]:
         if {row, "magnitude-50"} <= results.keys():
             share = increase(row) / increase("magnitude-50")
             add(f"{row} loses <= half of magnitude-50", share, share <= 0.5, f"{share:.2f}x magnitude's loss")
-    for row in ("cluster-16", "cluster-16-per-channel"):
+    for row in ("cluster-16", "cluster-16-per-channel", "cluster-16-rowscale-gptq"):
         if row in results and results[row]["packed_layer_ratio"] is not None:
             ratio, rel = results[row]["packed_layer_ratio"], results[row]["perplexity"] / base - 1
             add(f"{row}: <= 0.16x size of clustered layers at <= +8%", (ratio, rel), ratio <= 0.16 and rel <= 0.08,

@@ -22,7 +22,8 @@ Rows (``--rows``, comma-separated): ``trainer``, or ``<config>[:<off|full|select
 ``accelerate_configs/<config>.yaml``. A row that fails is recorded with its error; the benchmark goes on.
 
 Example:
-    $ .venv/bin/python scripts/bench_train.py                     # CPU: 9 rows, about 10 minutes on 2 cores
+    $ .venv/bin/python scripts/bench_train.py                     # CPU: 9 rows, 5-20 minutes on 2 cores
+    $ .venv/bin/python scripts/bench_train.py --repeats 3 --threads 1   # a busy machine: medians, no OMP spinning
     $ .venv/bin/python scripts/bench_train.py --rows trainer,cpu_single:off,cpu_single:full --steps 8
     $ .venv/bin/python scripts/bench_train.py --device cuda --dry-run   # the GPU plan (TinyLlama 1.1B), not run
 
@@ -79,7 +80,8 @@ SHAPES = {
     "small": Shape({**_LLAMA, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                     "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096,
                     "max_position_embeddings": 512}, seq_len=256, micro_batch_size=4, steps=16, log_every=2),
-    # TinyLlama-1.1B; micro-batch 4 x 2048 fits an 80 GB GPU without checkpointing (fp32 weights + AdamW ~18 GB)
+    # TinyLlama-1.1B; micro-batch 4 x 2048 should fit an 80 GB GPU without checkpointing: fp32 weights, grads and
+    # AdamW ~18 GB + bf16 activations ~18 GB (hf_optim.training.memory's estimate); not yet run on a GPU
     "tinyllama-1.1b": Shape({**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                              "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
                              "max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
@@ -576,20 +578,15 @@ def model_facts(shape: Shape, seq_len: int) -> dict[str, Any]:
             "flops_per_token": flops_per_token(config, seq_len)}
 
 
-def prepare_data(corpus_src: Path | None, output_dir: Path, vocab_size: int) -> tuple[Path, Path]:
-    """The corpus file every row reads, and one tokenizer trained on it (shared, so every row sees the same blocks)."""
+def prepare_data(corpus: Path, write_builtin: bool, tokenizer_dir: Path, vocab_size: int) -> None:
+    """Write the built-in corpus if asked, and train the one tokenizer every row loads (so all see the same blocks)."""
     from hf_optim.training.data import builtin_corpus, load_text_dataset, train_tokenizer
 
-    if corpus_src is None:
-        corpus = output_dir / "corpus" / "pydoc_topics.txt"
+    if write_builtin:
         corpus.parent.mkdir(parents=True, exist_ok=True)
         corpus.write_text("\n\n".join(builtin_corpus()))
-    else:
-        corpus = corpus_src.resolve()
-    tokenizer_dir = output_dir / "tokenizer"
     raw = load_text_dataset([str(corpus)], validation_split=0.0)  # the documents the recipe's loader sees
     train_tokenizer(raw["train"]["text"], vocab_size=vocab_size).save_pretrained(tokenizer_dir)
-    return corpus, tokenizer_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))  # DeepSpeed JIT ops, once
     os.environ.setdefault("HF_DATASETS_CACHE", str(output_dir / "hf_datasets_cache"))
     print(f"[bench] preparing corpus and tokenizer in {output_dir}", file=sys.stderr)
-    prepare_data(args.corpus, output_dir, shape.model_config["vocab_size"])
+    prepare_data(corpus, args.corpus is None, tokenizer_dir, shape.model_config["vocab_size"])
     machine = machine_info()
     if device == "cpu" and machine["loadavg_1m_at_start"] > usable:
         print(f"[bench] warning: load average {machine['loadavg_1m_at_start']:.1f} on {usable} usable cores: other "

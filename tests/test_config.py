@@ -59,3 +59,10 @@ def test_global_batch_size_derives_accumulation_or_explains_why_not():
     assert cfg.accumulation_steps(world_size=2) == 4
     with pytest.raises(ConfigError, match="global_batch_size=32 is not divisible .* = 12"):
         cfg.accumulation_steps(world_size=3)
+
+
+def test_yaml_1_1_booleans_stay_strings_so_no_and_off_are_valid_choices(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_config: {model_type: llama}\ntrain_files: [a.txt]\nmixed_precision: no\n")
+    cfg = TrainConfig.load(recipe, ["gradient_checkpointing=off", "activation_offload=false"])
+    assert (cfg.mixed_precision, cfg.gradient_checkpointing, cfg.activation_offload) == ("no", "off", False)

@@ -28,9 +28,17 @@ T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-6`` (no dot) as a float, as YAML 1.2 and Python do; PyYAML keeps it a string."""
+    """SafeLoader with YAML 1.2 scalars: ``1e-6`` is a float, and only true/false are booleans (PyYAML's YAML 1.1
+    turns ``mixed_precision=no`` and ``gradient_checkpointing=off`` into False)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
