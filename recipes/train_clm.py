@@ -175,6 +175,7 @@ def setup(cfg: TrainConfig) -> Run:
         world_size=accelerator.num_processes,
     )
     logger = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    logger.rewind(state.step)
     accelerator.print(
         f"strategy={strategy_name(accelerator)} processes={accelerator.num_processes} "
         f"params={sum(p.numel() for p in unwrapped.parameters()):,} train_blocks={len(splits['train'])} "

@@ -290,6 +290,17 @@ class JsonlLogger:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop records after ``step``: a fresh run (``step=0``) starts an empty log, a resumed run forgets the
+        steps it is about to redo, so the log and the loss plot show each step once."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
