@@ -100,11 +100,16 @@ def size_on_disk(path: str | Path) -> int:
 
 def parameter_stats(model: nn.Module) -> dict[str, Any]:
     """Parameter count, and the share of exact zeros over all weights and over the linear layers' weights."""
+    def zeros_in(tensor: torch.Tensor) -> int:
+        # quantized tensor subclasses (torchao, bitsandbytes) hold codes, not values: their zeros are not sparsity
+        plain = type(tensor) in (torch.Tensor, nn.Parameter) and type(tensor.data) is torch.Tensor
+        return int((tensor == 0).sum()) if plain and tensor.is_floating_point() else 0
+
     total = sum(p.numel() for p in model.parameters())
-    zeros = sum(int((p == 0).sum()) for p in model.parameters() if p.is_floating_point())
+    zeros = sum(zeros_in(p) for p in model.parameters())
     linear = [m.weight for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     linear_total = sum(w.numel() for w in linear)
-    linear_zeros = sum(int((w == 0).sum()) for w in linear if w.is_floating_point())
+    linear_zeros = sum(zeros_in(w) for w in linear)
     return {
         "parameters": total,
         "sparsity": zeros / total if total else 0.0,
