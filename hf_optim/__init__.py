@@ -47,6 +47,8 @@ _LAZY_EXPORTS = {
     "TorchAoInt8WeightOnlyConfig": "hf_optim.compression.quantization",
     "TorchAoInt8DynamicConfig": "hf_optim.compression.quantization",
     "TorchAoInt4WeightOnlyConfig": "hf_optim.compression.quantization",
+    "fuse_projections": "hf_optim.compression.fusion",
+    "unfuse_projections": "hf_optim.compression.fusion",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

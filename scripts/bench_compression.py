@@ -238,23 +238,33 @@ def markdown(results: dict[str, dict], checks: list[dict], meta: dict) -> str:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
+    """Size vs perplexity: every variant (left) and a zoom on those within +30% of fp32 (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = {"baseline": "black", "quantize": "tab:blue", "prune": "tab:red", "cluster": "tab:green", "chain": "tab:purple"}
-    for name, r in results.items():
-        if "error" in r:
-            continue
-        ax.scatter(r["size_bytes"] / 1e6, r["perplexity"], color=colors.get(r["group"], "gray"))
-        ax.annotate(name, (r["size_bytes"] / 1e6, r["perplexity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.set_title("Size vs perplexity")
-    ax.grid(alpha=0.3)
+    ok = {name: r for name, r in results.items() if "error" not in r}
+    base = ok["fp32"]["perplexity"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, names, title in (
+        (axes[0], list(ok), "all variants (log scale)"),
+        (axes[1], [n for n, r in ok.items() if r["perplexity"] <= 1.3 * base], "within +30% of fp32"),
+    ):
+        for group, color in colors.items():
+            members = [n for n in names if ok[n]["group"] == group]
+            ax.scatter([ok[n]["size_bytes"] / 1e6 for n in members], [ok[n]["perplexity"] for n in members],
+                       color=color, label=group if members else None)
+        for offset, name in enumerate(sorted(names, key=lambda n: ok[n]["size_bytes"])):
+            ax.annotate(name, (ok[name]["size_bytes"] / 1e6, ok[name]["perplexity"]), fontsize=7,
+                        xytext=(4, 6 if offset % 2 else -10), textcoords="offset points")
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
