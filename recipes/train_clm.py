@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hf_optim.core.errors import ConfigError, HfOptimError
 from hf_optim.core.modeling import without_zero3_init
 from hf_optim.training.accelerator import build_accelerator, check_model, save_consolidated_model, strategy_name
 from hf_optim.training.activations import apply_activation_checkpointing
@@ -85,14 +86,15 @@ def load_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
             cfg.model, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
         )
     overrides = dict(cfg.model_config)
-    model_type = overrides.pop("model_type", None)
-    if model_type is None:
-        raise ValueError("model_config needs a model_type, e.g. model_config.model_type=llama.")
+    model_type = overrides.pop("model_type")
     overrides.setdefault("vocab_size", len(tokenizer))
     overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
-    config = AutoConfig.for_model(model_type, **overrides)
+    try:
+        config = AutoConfig.for_model(model_type, **overrides)
+    except (ValueError, TypeError) as exc:  # an unknown model_type or a badly typed field
+        raise ConfigError(f"model_config is not a valid {model_type!r} config: {exc}") from None
     # Random init happens in full on every rank, outside ZeRO-3's zero.Init (which transformers 5.24 cannot run on
     # rotary buffers): every strategy then starts from the same weights, and prepare() partitions them.
     with without_zero3_init():
@@ -293,8 +295,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from hf_optim.core.errors import HfOptimError
-
     try:
         main()
     except HfOptimError as exc:  # a usage error: one clear line, not a traceback

@@ -124,9 +124,10 @@ def test_gpt2_is_refused() -> None:
 
 def test_non_linear_projection_is_refused() -> None:
     model = tiny_model("llama")
-    model.model.layers[0].self_attn.k_proj = nn.Sequential(nn.Linear(64, 32))
+    model.model.layers[1].self_attn.k_proj = nn.Sequential(nn.Linear(64, 32))
     with pytest.raises(ConfigError, match="k_proj is a Sequential"):
         fuse_projections(model)
+    assert hasattr(model.model.layers[0].self_attn, "q_proj")  # nothing was fused before the refusal
 
 
 def test_lazy_export() -> None:

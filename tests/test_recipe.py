@@ -105,6 +105,7 @@ def test_resume_errors_are_clear(corpus, tmp_path):
         (["mixed_precision=fp4"], "mixed_precision='fp4' is not one of"),
         (["global_batch_size=6"], "global_batch_size=6 is not divisible"),
         (["gradient_checkpointng=full"], "Did you mean 'gradient_checkpointing'"),
+        (["model_config.model_type=llamma"], "model_config is not a valid 'llamma' config"),
     ],
 )
 def test_recipe_bad_input_gets_one_clear_line(corpus, tmp_path, overrides, message):

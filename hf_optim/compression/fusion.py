@@ -24,6 +24,8 @@ from torch import nn
 from hf_optim.core.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj")
+_MLP_NAMES = ("gate_proj", "up_proj")
 
 
 def _sliding_window_none(module: nn.Module) -> dict[str, Any]:
@@ -196,17 +198,19 @@ def fuse_projections(model: nn.Module, qkv: bool = True, gate_up: bool = True) -
     """
     _check_supported(model)
     attention_classes, mlp_classes = _registry()
-    for module in model.modules():
+    targets = [
+        m for m in model.modules() if (qkv and type(m) in attention_classes) or (gate_up and type(m) in mlp_classes)
+    ]
+    # validate every module before changing any, so a refusal never leaves the model half fused
+    parts = [_linear_parts(m, _ATTENTION_NAMES if type(m) in attention_classes else _MLP_NAMES) for m in targets]
+    for module, linears in zip(targets, parts):
         base = type(module)
-        if qkv and base in attention_classes:
-            q_proj, k_proj, v_proj = _linear_parts(module, ("q_proj", "k_proj", "v_proj"))
-            fused = _concat_linear([q_proj, k_proj, v_proj])
-            module._qkv_sizes = (q_proj.out_features, k_proj.out_features, v_proj.out_features)
-            _replace_children(module, ("q_proj", "k_proj", "v_proj"), {"qkv_proj": fused})
+        if base in attention_classes:
+            module._qkv_sizes = tuple(linear.out_features for linear in linears)
+            _replace_children(module, _ATTENTION_NAMES, {"qkv_proj": _concat_linear(linears)})
             module.__class__ = _fused_class(_FusedQKVAttention, base)
-        elif gate_up and base in mlp_classes:
-            gate_proj, up_proj = _linear_parts(module, ("gate_proj", "up_proj"))
-            _replace_children(module, ("gate_proj", "up_proj"), {"gate_up_proj": _concat_linear([gate_proj, up_proj])})
+        else:
+            _replace_children(module, _MLP_NAMES, {"gate_up_proj": _concat_linear(linears)})
             module.__class__ = _fused_class(_FusedGateUpMLP, base)
     if _fused_kinds(model) != (False, False):
         # bound method so that copy.deepcopy(model) rebinds it to the copy
@@ -224,13 +228,13 @@ def unfuse_projections(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, _FusedQKVAttention):
             parts = _split_linear(module.qkv_proj, module._qkv_sizes)
-            _replace_children(module, ("qkv_proj",), dict(zip(("q_proj", "k_proj", "v_proj"), parts)))
+            _replace_children(module, ("qkv_proj",), dict(zip(_ATTENTION_NAMES, parts)))
             del module._qkv_sizes
             module.__class__ = module._unfused_class
         elif isinstance(module, _FusedGateUpMLP):
             half = module.gate_up_proj.out_features // 2
             parts = _split_linear(module.gate_up_proj, (half, half))
-            _replace_children(module, ("gate_up_proj",), dict(zip(("gate_proj", "up_proj"), parts)))
+            _replace_children(module, ("gate_up_proj",), dict(zip(_MLP_NAMES, parts)))
             module.__class__ = module._unfused_class
     model.__dict__.pop("save_pretrained", None)
     return model

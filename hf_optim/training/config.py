@@ -71,6 +71,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if (self.model is None) == (self.model_config is None):
             raise ConfigError("Set exactly one of `model` (Hub id or folder) and `model_config` (random init).")
+        if self.model_config is not None and "model_type" not in self.model_config:
+            raise ConfigError("model_config needs a model_type, e.g. model_config.model_type=llama.")
         if not self.train_files and self.dataset_name is None:
             raise ConfigError("No training data: set `train_files=[...]` or `dataset_name=...`.")
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "block_size", "keep_last_k"):

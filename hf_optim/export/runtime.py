@@ -1,0 +1,196 @@
+"""Run a folder written by :func:`hf_optim.export_onnx` with ONNX Runtime, with a Transformers-like ``generate()``.
+
+The graph describes itself: inputs ``input_ids``, ``attention_mask``, ``position_ids`` and, when exported with the
+KV cache, ``past_key_values.{i}.key/value`` (batch, kv_heads, past_len, head_dim); outputs ``logits`` and
+``present.{i}.key/value``.
+
+Example:
+    >>> model = OnnxCausalLM.from_pretrained("exported/")
+    >>> ids = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from hf_optim.core.errors import ConfigError
+
+ONNX_FILE = "model.onnx"
+# GPU providers first: ONNX Runtime tries them in order and falls back to the CPU for unsupported nodes.
+_PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass
+class OnnxCausalLMOutput:
+    """What one forward pass returns: ``logits`` (batch, seq, vocab) and the updated cache (``None`` without one)."""
+
+    logits: torch.Tensor
+    past_key_values: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
+
+
+def default_providers() -> list[str]:
+    """The execution providers available here, best first (TensorRT, CUDA, then CPU)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [name for name in _PREFERRED_PROVIDERS if name in available]
+
+
+class OnnxCausalLM:
+    """A causal LM exported to ONNX, run by ONNX Runtime, with the KV cache when the export has one.
+
+    Example:
+        >>> model = OnnxCausalLM.from_pretrained("exported/")
+        >>> logits = model(input_ids=ids, attention_mask=mask).logits
+        >>> out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    """
+
+    def __init__(self, session: Any, config: Any, generation_config: dict | None = None) -> None:
+        self.session = session
+        self.config = config
+        self.generation_config = generation_config or {}
+        inputs = {node.name: node for node in session.get_inputs()}
+        self.input_names = set(inputs)
+        self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        self.use_cache = self.num_layers > 0
+        if self.use_cache:
+            key = inputs["past_key_values.0.key"]
+            self._kv_heads, self._head_dim = int(key.shape[1]), int(key.shape[3])
+            self._kv_dtype = np.float16 if key.type == "tensor(float16)" else np.float32
+        self.output_names = [node.name for node in session.get_outputs()]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        providers: Sequence[str] | None = None,
+        num_threads: int | None = None,
+    ) -> "OnnxCausalLM":
+        """Load ``model_dir/model.onnx`` (and its config.json) on the best available execution provider.
+
+        Example:
+            >>> model = OnnxCausalLM.from_pretrained("exported/", providers=["CPUExecutionProvider"], num_threads=2)
+        """
+        import onnxruntime as ort
+        from transformers import AutoConfig
+
+        model_dir = Path(model_dir)
+        if not (model_dir / ONNX_FILE).is_file():
+            raise ConfigError(f"{str(model_dir)!r} has no {ONNX_FILE}; write one with hf_optim.export_onnx(model, dir).")
+        options = ort.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+        session = ort.InferenceSession(
+            str(model_dir / ONNX_FILE), sess_options=options, providers=list(providers or default_providers())
+        )
+        config = AutoConfig.from_pretrained(model_dir)
+        gen_file = model_dir / "generation_config.json"
+        generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        return cls(session, config, generation_config)
+
+    def _empty_past(self, batch: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        empty = np.zeros((batch, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
+        return tuple((empty, empty) for _ in range(self.num_layers))
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None,
+    ) -> OnnxCausalLMOutput:
+        """One forward pass. Without ``position_ids`` they count on from the cache, as the PyTorch model does."""
+        input_ids = torch.as_tensor(input_ids).long().cpu()
+        batch, seq = input_ids.shape
+        if past_key_values is not None and not self.use_cache:
+            raise ConfigError("this export has no KV cache (exported with with_past=False); call without past_key_values.")
+        if self.use_cache and past_key_values is None:
+            past_key_values = self._empty_past(batch)
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq, dtype=torch.long).expand(batch, -1)
+        feeds = {
+            "input_ids": input_ids.numpy(),
+            "attention_mask": torch.as_tensor(attention_mask).long().cpu().numpy(),
+            "position_ids": torch.as_tensor(position_ids).long().cpu().contiguous().numpy(),
+        }
+        for layer, (key, value) in enumerate(past_key_values or ()):
+            feeds[f"past_key_values.{layer}.key"] = key
+            feeds[f"past_key_values.{layer}.value"] = value
+        results = self.session.run(self.output_names, feeds)
+        outputs = dict(zip(self.output_names, results))
+        present = None
+        if self.use_cache:
+            present = tuple(
+                (outputs[f"present.{layer}.key"], outputs[f"present.{layer}.value"]) for layer in range(self.num_layers)
+            )
+        return OnnxCausalLMOutput(logits=torch.from_numpy(outputs["logits"]), past_key_values=present)
+
+    forward = __call__
+
+    def _special_id(self, name: str) -> int | list[int] | None:
+        value = self.generation_config.get(name)
+        return value if value is not None else getattr(self.config, name, None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding like ``transformers`` ``generate``: returns prompt + new ids, (batch, prompt + new).
+
+        Prefills the prompt once, then feeds one token per step with the KV cache (or the whole sequence again for
+        an export without cache). Finished rows (EOS) are padded with ``pad_token_id``; stops when all finished.
+
+        Example:
+            >>> model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape
+            torch.Size([1, 7])
+        """
+        if do_sample:
+            raise ConfigError("do_sample=True is not supported by OnnxCausalLM.generate; use do_sample=False (greedy).")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+        input_ids = torch.as_tensor(input_ids).long().cpu()
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        batch = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).long().cpu()
+        eos = self._special_id("eos_token_id") if eos_token_id is None else eos_token_id
+        eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+        pad = self._special_id("pad_token_id") if pad_token_id is None else pad_token_id
+        if pad is None and len(eos_ids):
+            pad = int(eos_ids[0])  # what transformers falls back to
+        # positions count real tokens only, so left-padded rows start at 0 (transformers' rule)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        sequences, past, step_ids, step_positions = input_ids, None, input_ids, positions
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            out = self(step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=past)
+            next_tokens = out.logits[:, -1, :].argmax(dim=-1)
+            if pad is not None:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=-1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+            if len(eos_ids):
+                unfinished &= ~torch.isin(next_tokens, eos_ids)
+                if not unfinished.any():
+                    break
+            if self.use_cache:
+                past, step_ids, step_positions = out.past_key_values, next_tokens[:, None], positions[:, -1:]
+            else:
+                step_ids, step_positions = sequences, positions
+        return sequences
