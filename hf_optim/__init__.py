@@ -47,6 +47,9 @@ _LAZY_EXPORTS = {
     "TorchAoInt8WeightOnlyConfig": "hf_optim.compression.quantization",
     "TorchAoInt8DynamicConfig": "hf_optim.compression.quantization",
     "TorchAoInt4WeightOnlyConfig": "hf_optim.compression.quantization",
+    # export
+    "export_onnx": "hf_optim.export.onnx",
+    "OnnxCausalLM": "hf_optim.export.runtime",
     "fuse_projections": "hf_optim.compression.fusion",
     "unfuse_projections": "hf_optim.compression.fusion",
 }

@@ -156,6 +156,39 @@ def _add_compress(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_compress)
 
 
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from hf_optim.export.onnx import export_onnx
+
+    report = export_onnx(
+        args.model, args.output, with_past=not args.no_past, opset=args.opset, validate=not args.no_validate
+    )
+    if report["validated"]:
+        with_past = report["max_abs_diff_with_past"]
+        print(
+            f"max |logits - PyTorch|: no past {report['max_abs_diff_no_past']:.3g}, "
+            f"with past {'n/a' if with_past is None else format(with_past, '.3g')}; "
+            f"greedy tokens match: {report['greedy_match']}"
+        )
+    print(f"Saved the ONNX export to {report['output_dir']}")
+    return 0
+
+
+def _add_export_onnx(formats: argparse._SubParsersAction) -> None:
+    parser = formats.add_parser("onnx", help="Decoder-only LM to ONNX with KV cache, validated against PyTorch.")
+    parser.add_argument("model", help="A model folder (plain Transformers or written by hf_optim) or a Hub id.")
+    parser.add_argument("--output", required=True, help="Folder to write model.onnx, config and validation.json to.")
+    parser.add_argument("--no-past", action="store_true", help="Export without KV-cache inputs/outputs.")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20, default 17).")
+    parser.add_argument("--no-validate", action="store_true", help="Skip the parity check against PyTorch.")
+    parser.set_defaults(handler=_run_export_onnx)
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="Export a model to run outside PyTorch (onnx).")
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    _add_export_onnx(formats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hf-optim``, with every sub-command registered."""
     parser = argparse.ArgumentParser(prog="hf-optim", description=__doc__.splitlines()[0])
@@ -165,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimate_memory(subparsers)
     _add_eval(subparsers)
     _add_compress(subparsers)
+    _add_export(subparsers)
     return parser
 
 

@@ -63,6 +63,7 @@ class _FusedQKVAttention:
     """Mixin placed before a supported attention class: ``qkv_proj`` replaces ``q_proj``/``k_proj``/``v_proj``."""
 
     _unfused_class: type
+    _extra_attention_kwargs: Callable[[nn.Module], dict[str, Any]]
     _qkv_sizes: tuple[int, int, int]
 
     def forward(
@@ -101,7 +102,7 @@ class _FusedQKVAttention:
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
-            **_registry()[0][self._unfused_class](self),
+            **self._extra_attention_kwargs(self),
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -122,7 +123,9 @@ class _FusedGateUpMLP:
 def _fused_class(mixin: type, base: type) -> type:
     # A real subclass (not a per-instance forward) so isinstance checks in Transformers still hold and
     # torch.compile traces it like any module.
-    return type(f"Fused{base.__name__}", (mixin, base), {"_unfused_class": base, "__module__": __name__})
+    # torch.compile traces this class attribute; an lru_cache lookup inside forward would warn there
+    extra = {"_extra_attention_kwargs": staticmethod(_registry()[0][base])} if mixin is _FusedQKVAttention else {}
+    return type(f"Fused{base.__name__}", (mixin, base), {"_unfused_class": base, "__module__": __name__, **extra})
 
 
 def _linear_parts(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear]:

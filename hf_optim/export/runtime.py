@@ -82,7 +82,7 @@ class OnnxCausalLM:
 
         model_dir = Path(model_dir)
         if not (model_dir / ONNX_FILE).is_file():
-            raise ConfigError(f"{str(model_dir)!r} has no {ONNX_FILE}; write one with hf_optim.export_onnx(model, dir).")
+            raise ConfigError(f"{str(model_dir)!r} has no {ONNX_FILE}; write one with hf_optim.export_onnx(model, dir)")
         options = ort.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
@@ -109,7 +109,7 @@ class OnnxCausalLM:
         input_ids = torch.as_tensor(input_ids).long().cpu()
         batch, seq = input_ids.shape
         if past_key_values is not None and not self.use_cache:
-            raise ConfigError("this export has no KV cache (exported with with_past=False); call without past_key_values.")
+            raise ConfigError("this export has no KV cache (with_past=False); call it without past_key_values.")
         if self.use_cache and past_key_values is None:
             past_key_values = self._empty_past(batch)
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
