@@ -105,3 +105,17 @@ def test_eval_bad_input(tokenizer, tmp_path):
         evaluate_perplexity(tiny_model("llama"), tokenizer, ["  "])
     with pytest.raises(ConfigError, match="stride=100 must be in"):
         evaluate_perplexity(tiny_model("llama"), tokenizer, ["some text here"], max_length=50, stride=100)
+
+
+def test_perplexity_and_speed_work_on_the_onnx_runtime_class(tokenizer, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import hf_optim
+
+    model = tiny_model("llama")
+    hf_optim.export_onnx(model, tmp_path / "onnx")
+    runtime = hf_optim.OnnxCausalLM.from_pretrained(tmp_path / "onnx")
+    texts = builtin_corpus()[:2]
+    torch_ppl = evaluate_perplexity(model, tokenizer, texts, max_length=64, stride=32)
+    assert evaluate_perplexity(runtime, tokenizer, texts, max_length=64, stride=32) == pytest.approx(torch_ppl, rel=1e-5)
+    speed = generation_speed(runtime, tokenizer, prompt_tokens=8, new_tokens=4, repeats=1)
+    assert speed["decode_tokens_per_s"] > 0 and speed["new_tokens"] <= 4

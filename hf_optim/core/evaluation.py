@@ -25,16 +25,35 @@ from hf_optim.core.errors import ConfigError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".onnx", ".tflite", ".engine")
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def _device_of(model) -> torch.device:
+    """The device of a torch model's weights; CPU for runtimes that take CPU tensors (e.g. OnnxCausalLM)."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return torch.device("cpu")
     try:
-        return next(model.parameters()).device
+        return next(parameters()).device
     except StopIteration:
         return torch.device("cpu")
 
 
+class _EvalMode:
+    """``model.eval()`` for the duration, restoring training mode; a no-op for models that have no modes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.was_training = model, getattr(model, "training", False)
+
+    def __enter__(self):
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self.model, "train"):
+            self.model.train(self.was_training)
+
+
 @torch.no_grad()
 def evaluate_perplexity(
-    model: nn.Module,
+    model,
     tokenizer,
     texts: Sequence[str],
     max_length: int | None = None,
@@ -43,6 +62,9 @@ def evaluate_perplexity(
     batch_size: int = 8,
 ) -> float:
     """Perplexity of ``model`` on ``texts`` with a strided sliding window (exp of the mean token NLL).
+
+    ``model`` is a Transformers causal LM or any runtime with ``model(input_ids=...).logits`` and a ``config``
+    (e.g. :class:`hf_optim.OnnxCausalLM`).
 
     ``max_length`` defaults to the model's context (capped at 1024), ``stride`` to half of it; ``max_tokens`` caps
     how much of the text is scored (for quick checks); ``batch_size`` windows run per forward pass.
@@ -68,23 +90,21 @@ def evaluate_perplexity(
         if end == ids.numel():
             break
     device = _device_of(model)
-    was_training = model.training
-    model.eval()
     nll_sum, scored = 0.0, 0
-    # windows of equal length run as one batch; only the last window can be shorter
-    for length in sorted({end - begin for begin, end, _ in windows}, reverse=True):
-        group = [w for w in windows if w[1] - w[0] == length]
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            batch = torch.stack([ids[begin:end] for begin, end, _ in chunk]).to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), batch[:, 1:], reduction="none"
-            )  # [windows, length - 1]
-            for row, (_, _, first) in enumerate(chunk):
-                nll_sum += float(nll[row, first:].sum())
-                scored += nll.shape[1] - first
-    model.train(was_training)
+    with _EvalMode(model):
+        # windows of equal length run as one batch; only the last window can be shorter
+        for length in sorted({end - begin for begin, end, _ in windows}, reverse=True):
+            group = [w for w in windows if w[1] - w[0] == length]
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                batch = torch.stack([ids[begin:end] for begin, end, _ in chunk]).to(device)
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), batch[:, 1:], reduction="none"
+                )  # [windows, length - 1]
+                for row, (_, _, first) in enumerate(chunk):
+                    nll_sum += float(nll[row, first:].sum())
+                    scored += nll.shape[1] - first
     return math.exp(nll_sum / scored)
 
 
@@ -120,15 +140,13 @@ def parameter_stats(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def generation_speed(
-    model: nn.Module, tokenizer, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
+    model, tokenizer, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
 ) -> dict[str, float]:
     """Prefill latency (s) and greedy decode tokens/s at batch 1 on the model's device (best of ``repeats``)."""
     device = _device_of(model)
     vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, vocab, (1, prompt_tokens), generator=generator).to(device)
-    was_training = model.training
-    model.eval()
 
     def timed(fn) -> float:
         best = math.inf
@@ -144,15 +162,21 @@ def generation_speed(
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generate = dict(do_sample=False, pad_token_id=pad_id, attention_mask=torch.ones_like(input_ids))
-    prefill = timed(lambda: model(input_ids=input_ids))
-    total = timed(lambda: model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **generate))
-    model.train(was_training)
+    output = {}
+
+    def run_generate() -> None:
+        output["ids"] = model.generate(input_ids, max_new_tokens=new_tokens, **generate)
+
+    with _EvalMode(model):
+        prefill = timed(lambda: model(input_ids=input_ids))
+        total = timed(run_generate)
+    produced = int(output["ids"].shape[1]) - prompt_tokens  # fewer than asked if EOS came first
     decode_time = max(total - prefill, 1e-9)
     return {
         "prefill_seconds": prefill,
-        "decode_tokens_per_s": (new_tokens - 1) / decode_time if new_tokens > 1 else float("nan"),
+        "decode_tokens_per_s": (produced - 1) / decode_time if produced > 1 else float("nan"),
         "generate_seconds": total,
         "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
+        "new_tokens": produced,
         "device": device.type,
     }
