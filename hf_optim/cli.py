@@ -183,10 +183,36 @@ def _add_export_onnx(formats: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_export_onnx)
 
 
+def _run_export_tensorrt(args: argparse.Namespace) -> int:
+    from hf_optim.export.tensorrt import ProfileRanges, ShapeRange, build_engine
+
+    ranges = ProfileRanges(
+        batch=ShapeRange(*args.batch), sequence=ShapeRange(*args.sequence), past_sequence=ShapeRange(*args.past)
+    )
+    report = build_engine(args.onnx_dir, args.output, precision=args.precision, ranges=ranges,
+                          workspace_gib=args.workspace_gib)
+    print(f"Saved the {report['precision']} TensorRT engine to {report['engine']} ({report['build_seconds']} s)")
+    return 0
+
+
+def _add_export_tensorrt(formats: argparse._SubParsersAction) -> None:
+    parser = formats.add_parser("tensorrt", help="Serialized TensorRT engine from an `export onnx` folder.")
+    parser.add_argument("onnx_dir", help="A folder written by `hf-optim export onnx` (or a .onnx file).")
+    parser.add_argument("--precision", required=True, choices=["fp16", "bf16", "int8", "fp8"],
+                        help="int8/fp8 need a Q/DQ-quantized ONNX graph; fp8 needs Ada/Hopper.")
+    parser.add_argument("--output", help="Engine file (default: <onnx_dir>/model-<precision>.engine).")
+    for name, default in (("batch", (1, 1, 4)), ("sequence", (1, 64, 512)), ("past", (0, 64, 512))):
+        parser.add_argument(f"--{name}", type=int, nargs=3, default=default, metavar=("MIN", "OPT", "MAX"),
+                            help=f"Profile range of the {name} axis (default: {' '.join(map(str, default))}).")
+    parser.add_argument("--workspace-gib", type=float, default=None, help="Builder workspace limit.")
+    parser.set_defaults(handler=_run_export_tensorrt)
+
+
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="Export a model to run outside PyTorch (onnx).")
+    parser = subparsers.add_parser("export", help="Export a model to run outside PyTorch (onnx, tensorrt).")
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     _add_export_onnx(formats)
+    _add_export_tensorrt(formats)
 
 
 def build_parser() -> argparse.ArgumentParser:
