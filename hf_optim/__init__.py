@@ -50,6 +50,10 @@ _LAZY_EXPORTS = {
     # export
     "export_onnx": "hf_optim.export.onnx",
     "OnnxCausalLM": "hf_optim.export.runtime",
+    "optimize_onnx": "hf_optim.export.ort_optimize",
+    "quantize_onnx": "hf_optim.export.ort_quantize",
+    "build_engine": "hf_optim.export.tensorrt",
+    "export_tflite": "hf_optim.export.tflite",
     "fuse_projections": "hf_optim.compression.fusion",
     "unfuse_projections": "hf_optim.compression.fusion",
 }

@@ -208,11 +208,77 @@ def _add_export_tensorrt(formats: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_export_tensorrt)
 
 
+def _run_export_tflite(args: argparse.Namespace) -> int:
+    from hf_optim.export.tflite import export_tflite
+
+    report = export_tflite(args.model, args.output, sequence_length=args.sequence_length, quantize=args.quantize)
+    print(f"max |logits - PyTorch|: {report['max_abs_diff']:.3g}; top-1 agreement {report['top1_agreement']:.3f}")
+    print(f"Saved the TFLite model to {report['output']} ({report['size_bytes']} bytes)")
+    return 0
+
+
+def _add_export_tflite(formats: argparse._SubParsersAction) -> None:
+    parser = formats.add_parser("tflite", help="Causal LM to TFLite (LiteRT): int32 input_ids of a fixed shape -> logits.")
+    parser.add_argument("model", help="A model folder (plain Transformers or written by hf_optim) or a Hub id.")
+    parser.add_argument("--output", required=True, help="The .tflite file (a .tflite.json report is written beside it).")
+    parser.add_argument("--sequence-length", type=int, default=128, help="Fixed input length (default 128).")
+    parser.add_argument("--quantize", default="none", choices=["none", "dynamic-int8", "weight-only-int8"])
+    parser.set_defaults(handler=_run_export_tflite)
+
+
+def _run_export_optimize(args: argparse.Namespace) -> int:
+    from hf_optim.export.ort_optimize import optimize_onnx
+
+    report = optimize_onnx(args.onnx_dir, args.output, level=args.level)
+    fused = ", ".join(f"{k}={v}" for k, v in report["fused_operators"].items()) or "none"
+    print(f"fused operators: {fused}; max |logits diff| {report['validation']['max_abs_diff_no_past']:.3g}, "
+          f"greedy tokens match: {report['validation']['greedy_match']}")
+    print(f"Saved the {args.level} graph to {report['output_dir']}")
+    return 0
+
+
+def _run_export_quantize(args: argparse.Namespace) -> int:
+    from hf_optim.core.texts import load_texts
+    from hf_optim.export.ort_quantize import quantize_onnx
+
+    texts = load_texts(args.calibration_data)[: args.calibration_samples] if args.calibration_data else None
+    report = quantize_onnx(
+        args.onnx_dir, args.output, mode=args.mode, per_channel=not args.no_per_channel, calibration_texts=texts,
+        calibrate_method=args.calibrate_method, algorithm=args.algorithm, block_size=args.block_size,
+    )
+    parity = report["parity"]
+    print(f"size {report['source_size_bytes']} -> {report['size_bytes']} bytes; max |logits diff| "
+          f"{parity['max_abs_logits_diff']:.3g}, top-1 agreement {parity['top1_agreement']:.3f}")
+    print(f"Saved the {args.mode} graph to {report['output_dir']}")
+    return 0
+
+
+def _add_export_ort(formats: argparse._SubParsersAction) -> None:
+    parser = formats.add_parser("optimize", help="Fuse an ONNX export with ONNX Runtime's transformer optimizer.")
+    parser.add_argument("onnx_dir", help="A folder written by `hf-optim export onnx`.")
+    parser.add_argument("--output", required=True, help="Folder for the fused model.onnx and optimization.json.")
+    parser.add_argument("--level", choices=["O1", "O2", "O3"], default="O2", help="Optimum-style level (default O2).")
+    parser.set_defaults(handler=_run_export_optimize)
+    parser = formats.add_parser("quantize", help="Quantize an ONNX export with ONNX Runtime (int8 or int4).")
+    parser.add_argument("onnx_dir", help="A folder written by `hf-optim export onnx` (or `export optimize`).")
+    parser.add_argument("--output", required=True, help="Folder for the quantized model.onnx and quantization.json.")
+    parser.add_argument("--mode", choices=["dynamic-int8", "static-int8", "int4"], default="dynamic-int8")
+    parser.add_argument("--calibration-data", help="A .txt or .jsonl file (or dataset name) for static-int8.")
+    parser.add_argument("--calibration-samples", type=int, default=64, help="Texts used for calibration.")
+    parser.add_argument("--calibrate-method", choices=["MinMax", "Entropy", "Percentile"], default="MinMax")
+    parser.add_argument("--no-per-channel", action="store_true", help="Per-tensor int8 weight scales.")
+    parser.add_argument("--algorithm", choices=["rtn", "hqq", "gptq"], default="rtn", help="int4 algorithm.")
+    parser.add_argument("--block-size", type=int, default=32, help="int4 block size (power of two >= 16).")
+    parser.set_defaults(handler=_run_export_quantize)
+
+
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="Export a model to run outside PyTorch (onnx, tensorrt).")
+    parser = subparsers.add_parser("export", help="Export a model to run outside PyTorch (onnx, tensorrt, tflite).")
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     _add_export_onnx(formats)
+    _add_export_ort(formats)
     _add_export_tensorrt(formats)
+    _add_export_tflite(formats)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,20 +61,23 @@ def default_reduce_range() -> bool:
 class TextCalibrationReader:
     """A ``CalibrationDataReader`` feeding tokenized texts (one prefill each, empty KV cache) to the graph.
 
+    The texts are tokenized, joined and cut into equal windows (about the average text length, at most
+    ``max_length``): Entropy/Percentile calibration stacks the activations of all samples, so shapes must agree.
+
     Example:
         >>> reader = TextCalibrationReader(["Once upon a time"], tokenizer, session_inputs, max_length=64)
     """
 
     def __init__(self, texts: Sequence[str], tokenizer: Any, graph_inputs: Sequence[Any], max_length: int) -> None:
+        encoded = [tokenizer(text)["input_ids"] for text in texts]
+        stream = [token for ids in encoded for token in ids]
+        window = min(max_length, len(stream) // max(len(encoded), 1))
         self._feeds = []
-        for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-            if not ids:
-                continue
-            ids = np.asarray([ids], dtype=np.int64)
+        for start in range(0, len(stream) - window + 1 if window else 0, window or 1):
+            ids = np.asarray([stream[start : start + window]], dtype=np.int64)
             feed = {
                 "input_ids": ids, "attention_mask": np.ones_like(ids),
-                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
+                "position_ids": np.arange(window, dtype=np.int64)[None],
             }
             for node in graph_inputs:
                 if node.name.startswith("past_key_values."):
@@ -177,11 +180,19 @@ def quantize_onnx(
             raise ConfigError(
                 f"calibrate_method={calibrate_method!r} is not supported; use one of {', '.join(CALIBRATION_METHODS)}."
             )
-        if not calibration_texts:
-            raise ConfigError("mode='static-int8' needs calibration_texts (a few representative texts, e.g. 32).")
+    if (mode == "static-int8" or (mode == "int4" and algorithm == "gptq")) and not calibration_texts:
+        raise ConfigError(f"mode={mode!r} needs calibration_texts (a few representative texts, e.g. 32).")
     if mode == "int4":
         if algorithm not in INT4_ALGORITHMS:
             raise ConfigError(f"algorithm={algorithm!r} is not an int4 algorithm; use one of {', '.join(INT4_ALGORITHMS)}.")
+        if algorithm == "gptq":
+            try:
+                import neural_compressor  # noqa: F401 - ONNX Runtime's GPTQ path calls into it
+            except ImportError as exc:
+                raise ConfigError(
+                    "algorithm='gptq' needs Intel Neural Compressor (pip install neural-compressor), which is not "
+                    "installed; use algorithm='rtn' or 'hqq'."
+                ) from exc
         if block_size < 16 or block_size & (block_size - 1):
             raise ConfigError(f"block_size={block_size} must be a power of two >= 16 (e.g. 32 or 128).")
     source = check_onnx_dir(onnx_dir)
@@ -205,13 +216,7 @@ def quantize_onnx(
             quantize_dynamic(model, target, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
                              reduce_range=reduce_range, weight_type=QuantType.QInt8, use_external_data_format=external)
         elif mode == "static-int8":
-            if tokenizer is None:
-                tokenizer = _folder_tokenizer(source)
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            reader = TextCalibrationReader(calibration_texts, tokenizer, session.get_inputs(), max_length)
-            del session
+            reader = _calibration_reader(model, source, calibration_texts, tokenizer, max_length)
             settings.update(format="QDQ", per_channel=per_channel, reduce_range=reduce_range, weight_type="QInt8",
                             activation_type="QUInt8", calibrate_method=calibrate_method,
                             calibration_samples=len(reader._feeds), max_length=max_length, op_types=["MatMul", "Gemm"])
@@ -224,7 +229,11 @@ def quantize_onnx(
         else:
             settings.update(algorithm=algorithm, bits=4, block_size=block_size, is_symmetric=is_symmetric,
                             accuracy_level=accuracy_level)
-            _quantize_int4(model, target, algorithm, block_size, is_symmetric, accuracy_level, external)
+            reader = None
+            if algorithm == "gptq":
+                reader = _calibration_reader(model, source, calibration_texts, tokenizer, max_length)
+                settings["calibration_samples"] = len(reader._feeds)
+            _quantize_int4(model, target, algorithm, block_size, is_symmetric, accuracy_level, external, reader)
         settings["quantize_seconds"] = round(time.perf_counter() - started, 3)
         copy_side_files(source, staging)
         import onnx
@@ -246,6 +255,17 @@ def quantize_onnx(
     return settings
 
 
+def _calibration_reader(
+    model: Any, source: Path, texts: Sequence[str], tokenizer: Any, max_length: int
+) -> TextCalibrationReader:
+    import onnxruntime as ort
+
+    if tokenizer is None:
+        tokenizer = _folder_tokenizer(source)
+    inputs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).get_inputs()
+    return TextCalibrationReader(texts, tokenizer, inputs, max_length)
+
+
 def _folder_tokenizer(source: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -259,7 +279,7 @@ def _folder_tokenizer(source: Path) -> Any:
 
 def _quantize_int4(
     model: Any, target: Path, algorithm: str, block_size: int, is_symmetric: bool, accuracy_level: int | None,
-    external: bool,
+    external: bool, reader: TextCalibrationReader | None,
 ) -> None:
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
@@ -272,14 +292,7 @@ def _quantize_int4(
     elif algorithm == "hqq":
         config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
     else:
-        try:
-            import neural_compressor  # noqa: F401 - ONNX Runtime's GPTQ path calls into it
-        except ImportError as exc:
-            raise ConfigError(
-                "algorithm='gptq' needs Intel Neural Compressor (pip install neural-compressor), which is not "
-                "installed; use algorithm='rtn' or 'hqq'."
-            ) from exc
-        raise ConfigError("algorithm='gptq' is not wired to a calibration reader yet; use 'rtn' or 'hqq'.")
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=block_size)
     quantizer = nbits.MatMulNBitsQuantizer(
         model, block_size=block_size, is_symmetric=is_symmetric, accuracy_level=accuracy_level, algo_config=config
     )
