@@ -283,7 +283,9 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hf-optim``, with every sub-command registered."""
-    parser = argparse.ArgumentParser(prog="hf-optim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hf-optim", description="Train, compress, export and evaluate Hugging Face causal LMs on too little hardware."
+    )
     parser.add_argument("--version", action="version", version=f"hf-optim {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_env(subparsers)
