@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_optim.core.atomic import staged_directory
 from hf_optim.core.errors import ConfigError
 
 PACKED_FILE = "packed_weights.safetensors"
@@ -157,36 +156,31 @@ def save_optimized(
     from hf_optim.compression.api import compression_history
 
     output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    packed = _packed_modules(model)
-    state_dict = None
-    if packed:
-        state_dict = {k: v for k, v in model.state_dict().items()}
-        for name in packed:
-            state_dict.pop(f"{name}.weight")
-    model.save_pretrained(tmp, state_dict=state_dict)
-    if packed:
-        tensors = {f"{name}.weight{_SEPARATOR}{part}": t.contiguous() for name, p in packed.items() for part, t in p.tensors.items()}
-        save_file(tensors, tmp / PACKED_FILE)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    steps = compression_history(model)
-    base_model = base_model or getattr(model.config, "_name_or_path", None) or None
-    record = {
-        "format_version": 1,
-        "base_model": base_model,
-        "steps": steps,
-        "packed": {name: {"codec": p.codec, "meta": p.meta} for name, p in packed.items()},
-        "versions": _versions(),
-        "metrics": metrics or {},
-    }
-    (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2))
-    (tmp / "README.md").write_text(_model_card(model, steps, metrics or {}, base_model))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    with staged_directory(output_dir) as staging:
+        packed = _packed_modules(model)
+        state_dict = None
+        if packed:
+            state_dict = {k: v for k, v in model.state_dict().items()}
+            for name in packed:
+                state_dict.pop(f"{name}.weight")
+        model.save_pretrained(staging, state_dict=state_dict)
+        if packed:
+            tensors = {f"{name}.weight{_SEPARATOR}{part}": t.contiguous() for name, p in packed.items() for part, t in p.tensors.items()}
+            save_file(tensors, staging / PACKED_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        steps = compression_history(model)
+        base_model = base_model or getattr(model.config, "_name_or_path", None) or None
+        record = {
+            "format_version": 1,
+            "base_model": base_model,
+            "steps": steps,
+            "packed": {name: {"codec": p.codec, "meta": p.meta} for name, p in packed.items()},
+            "versions": _versions(),
+            "metrics": metrics or {},
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(record, indent=2))
+        (staging / "README.md").write_text(_model_card(model, steps, metrics or {}, base_model))
     return output_dir
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from hf_optim.core.errors import ConfigError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".onnx", ".tflite", ".engine")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".onnx", ".onnx_data", ".tflite", ".engine")
 
 
 def _device_of(model) -> torch.device:

@@ -17,7 +17,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_optim.core.atomic import staged_directory
 from hf_optim.core.errors import ConfigError, HfOptimError
 from hf_optim.export.runtime import ONNX_FILE, OnnxCausalLM
 
@@ -278,63 +278,48 @@ def export_onnx(
     model.eval()
     # one attention path for every family: flash/flex kernels do not trace (sdpa would: it validated the same here)
     model.set_attn_implementation("eager")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        num_layers, kv_heads, head_dim = _cache_shape(model)
-        wrapper = _FlatCacheCausalLM(model, num_layers, with_past)
-        batch, seq, past = 2, 3, 4
-        example: tuple = (
-            torch.randint(2, model.config.vocab_size, (batch, seq)),
-            torch.ones(batch, past + seq, dtype=torch.long),
-            torch.arange(past, past + seq).expand(batch, -1),
-        )
-        if with_past:
-            example += tuple(torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * num_layers))
-        else:
-            example = (example[0], example[1][:, past:], torch.arange(seq).expand(batch, -1))
-        started = time.perf_counter()
-        external = _write_onnx(
-            wrapper, example, staging / ONNX_FILE, _io_names(num_layers, with_past), opset, external_data_threshold
-        )
-        export_seconds = time.perf_counter() - started
-        model.config.save_pretrained(staging)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        report: dict[str, Any] = {
-            "model_type": model.config.model_type, "with_past": with_past, "opset": opset,
-            "num_layers": num_layers, "external_data": external, "export_seconds": round(export_seconds, 3),
-            "validated": validate,
-        }
-        if validate:
+        with staged_directory(output_dir) as staging:
+            num_layers, kv_heads, head_dim = _cache_shape(model)
+            wrapper = _FlatCacheCausalLM(model, num_layers, with_past)
+            batch, seq, past = 2, 3, 4
+            example: tuple = (
+                torch.randint(2, model.config.vocab_size, (batch, seq)),
+                torch.ones(batch, past + seq, dtype=torch.long),
+                torch.arange(past, past + seq).expand(batch, -1),
+            )
+            if with_past:
+                example += tuple(torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * num_layers))
+            else:
+                example = (example[0], example[1][:, past:], torch.arange(seq).expand(batch, -1))
             started = time.perf_counter()
-            report.update(_validate(model, staging, with_past, atol, new_tokens=5))
-            report["validation_seconds"] = round(time.perf_counter() - started, 3)
-            if not report["passed"]:
-                raise OnnxValidationError(
-                    f"ONNX export of {model.config.model_type} failed validation: {'; '.join(report['failures'])}. "
-                    "Nothing was written; pass validate=False to keep an unvalidated export."
-                )
-        (staging / VALIDATION_FILE).write_text(json.dumps(report, indent=2))
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            external = _write_onnx(
+                wrapper, example, staging / ONNX_FILE, _io_names(num_layers, with_past), opset, external_data_threshold
+            )
+            export_seconds = time.perf_counter() - started
+            model.config.save_pretrained(staging)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            report: dict[str, Any] = {
+                "model_type": model.config.model_type, "with_past": with_past, "opset": opset,
+                "num_layers": num_layers, "external_data": external, "export_seconds": round(export_seconds, 3),
+                "validated": validate,
+            }
+            if validate:
+                started = time.perf_counter()
+                report.update(_validate(model, staging, with_past, atol, new_tokens=5))
+                report["validation_seconds"] = round(time.perf_counter() - started, 3)
+                if not report["passed"]:
+                    raise OnnxValidationError(
+                        f"ONNX export of {model.config.model_type} failed validation: {'; '.join(report['failures'])}. "
+                        "Nothing was written; pass validate=False to keep an unvalidated export."
+                    )
+            (staging / VALIDATION_FILE).write_text(json.dumps(report, indent=2))
     finally:
         if attn:
             model.set_attn_implementation(attn)
         model.train(was_training)
     report["output_dir"] = str(output_dir)
     return report
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an older ``target`` is moved aside first and deleted only after the rename."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

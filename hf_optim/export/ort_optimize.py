@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Any
 
 from torch import nn
 
+from hf_optim.core.atomic import staged_directory
 from hf_optim.core.errors import ConfigError
-from hf_optim.export.onnx import EXTERNAL_DATA_FILE, VALIDATION_FILE, OnnxValidationError, _replace_dir, _validate
+from hf_optim.export.onnx import EXTERNAL_DATA_FILE, VALIDATION_FILE, OnnxValidationError, _validate
 from hf_optim.export.runtime import ONNX_FILE, OnnxCausalLM
 
 OPTIMIZATION_FILE = "optimization.json"
@@ -64,11 +64,6 @@ def copy_side_files(source: Path, target: Path) -> None:
     for path in source.iterdir():
         if path.is_file() and path.name not in _GRAPH_FILES and not path.name.startswith("."):
             shutil.copy2(path, target / path.name)
-
-
-def staging_dir(output_dir: Path) -> Path:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
 
 
 def op_counts(graph: Any) -> dict[str, int]:
@@ -129,8 +124,7 @@ def optimize_onnx(
     options = FusionOptions(model_type)
     options.enable_gelu_approximation = approximate
     source_report = read_report(source, VALIDATION_FILE)
-    staging = staging_dir(output_dir)
-    try:
+    with staged_directory(output_dir) as staging:
         started = time.perf_counter()
         import onnx
 
@@ -165,9 +159,5 @@ def optimize_onnx(
                 f"{'; '.join(validation['failures'])}. Nothing was written; try a lower level (O1)."
             )
         (staging / OPTIMIZATION_FILE).write_text(json.dumps(report, indent=2))
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     report["output_dir"] = str(output_dir)
     return report

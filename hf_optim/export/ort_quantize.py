@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,10 +31,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from hf_optim.core.atomic import staged_directory
+from hf_optim.core.evaluation import size_on_disk
 from hf_optim.core.errors import ConfigError, HfOptimError
-from hf_optim.export.onnx import EXTERNAL_DATA_FILE, _replace_dir, _sample_batch
+from hf_optim.export.onnx import EXTERNAL_DATA_FILE, _sample_batch
 from hf_optim.export.ort_optimize import (
-    OPTIMIZATION_FILE, QUANTIZATION_FILE, check_onnx_dir, copy_side_files, op_counts, read_report, staging_dir,
+    OPTIMIZATION_FILE, QUANTIZATION_FILE, check_onnx_dir, copy_side_files, op_counts, read_report,
 )
 from hf_optim.export.runtime import ONNX_FILE, OnnxCausalLM
 
@@ -92,10 +93,6 @@ class TextCalibrationReader:
 
     def rewind(self) -> None:
         self._iter = iter(self._feeds)
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in (folder / ONNX_FILE, folder / EXTERNAL_DATA_FILE) if p.is_file())
 
 
 def _parity(reference: OnnxCausalLM, candidate: OnnxCausalLM, new_tokens: int) -> dict:
@@ -204,8 +201,7 @@ def quantize_onnx(
     reduce_range = default_reduce_range() if reduce_range is None else reduce_range
     external = (source / EXTERNAL_DATA_FILE).exists()
     settings: dict[str, Any] = {"mode": mode, "source": str(source), "source_optimized": (source / OPTIMIZATION_FILE).is_file()}
-    staging = staging_dir(output_dir)
-    try:
+    with staged_directory(output_dir) as staging:
         model = _graph_for_quantization(source)
         before = op_counts(model.graph)
         started = time.perf_counter()
@@ -240,17 +236,13 @@ def quantize_onnx(
 
         settings["op_counts_before"] = before
         settings["op_counts_after"] = op_counts(onnx.load(str(target), load_external_data=False).graph)
-        settings["source_size_bytes"] = _folder_bytes(source)
-        settings["size_bytes"] = _folder_bytes(staging)
+        settings["source_size_bytes"] = size_on_disk(source)
+        settings["size_bytes"] = size_on_disk(staging)
         reference = OnnxCausalLM.from_pretrained(source, providers=["CPUExecutionProvider"], num_threads=1)
         candidate = OnnxCausalLM.from_pretrained(staging, providers=["CPUExecutionProvider"], num_threads=1)
         settings["parity"] = _parity(reference, candidate, new_tokens)
         (staging / QUANTIZATION_FILE).write_text(json.dumps(settings, indent=2))
         del candidate  # the session holds the file open on some platforms; release it before the rename
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     settings["output_dir"] = str(output_dir)
     return settings
 
