@@ -10,11 +10,11 @@ from hf_optim.training.activations import apply_activation_checkpointing
 from tests.helpers import tiny_model
 
 
-def _loss_grads_and_saved_bytes(mode: str, every_n: int = 2):
-    model = tiny_model("llama", seed=0, layers=4, hidden=64)
-    apply_activation_checkpointing(model, mode, every_n_layers=every_n)
+def _loss_grads_and_saved_bytes(mode: str, every_n: int = 2, offload: bool = False, device: str = "cpu"):
+    model = tiny_model("llama", seed=0, layers=4, hidden=64).to(device)
+    apply_activation_checkpointing(model, mode, every_n_layers=every_n, offload=offload)
     model.train()
-    input_ids = torch.randint(2, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(2, 512, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor):
@@ -25,7 +25,7 @@ def _loss_grads_and_saved_bytes(mode: str, every_n: int = 2):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
     return loss.item(), grads, sum(storages.values())
 
 
@@ -65,3 +65,11 @@ def test_checkpointing_bad_input(mode, kwargs, message):
 def test_activation_offload_needs_a_gpu():
     with pytest.raises(ConfigError, match="no GPU here"):
         apply_activation_checkpointing(tiny_model("llama"), "full", offload=True)
+
+
+@pytest.mark.gpu
+def test_activation_offload_on_gpu_keeps_loss_and_gradients():
+    loss_off, grads_off, _ = _loss_grads_and_saved_bytes("off", device="cuda")
+    loss_offload, grads_offload, _ = _loss_grads_and_saved_bytes("full", offload=True, device="cuda")
+    assert loss_offload == pytest.approx(loss_off, abs=1e-5)
+    torch.testing.assert_close(grads_offload, grads_off, rtol=1e-4, atol=1e-5)

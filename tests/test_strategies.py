@@ -384,3 +384,21 @@ def test_save_consolidated_model_refuses_empty_weights(launched, fresh_accelerat
     with pytest.raises(strategies.ConsolidationError, match=r"tensors are empty \(zero-size\)"):
         strategies.save_consolidated_model(accelerator, model, tmp_path / "final")
     assert not (tmp_path / "final").exists()
+
+
+def test_plain_tensors_unwraps_fp8_training_weights_for_safetensors(tmp_path) -> None:
+    # Under FSDP2 + torchao fp8, the gathered state dict holds WeightWithDynamicFloat8CastTensor; safetensors
+    # refuses it ("invalid python storage"), which broke the fp8 recipe's final save on an H200.
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    fp8 = pytest.importorskip("torchao.float8")
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    weight = torch.randn(4, 4)
+    wrapped = WeightWithDynamicFloat8CastTensor(weight, fp8.Float8LinearConfig(), torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="invalid python storage"):
+        safetensors_torch.save_file({"w": wrapped}, tmp_path / "direct.safetensors")
+
+    plain = strategies.plain_tensors({"w": wrapped, "b": torch.ones(3)})
+    assert type(plain["w"]) is torch.Tensor and torch.equal(plain["w"], weight)
+    safetensors_torch.save_file(plain, tmp_path / "plain.safetensors")
+    torch.testing.assert_close(safetensors_torch.load_file(tmp_path / "plain.safetensors")["w"], weight)

@@ -534,6 +534,26 @@ def check_model(
             )
 
 
+def plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unwrap tensor subclasses that wrap one plain tensor (torchao's fp8 training weights) so safetensors can write them.
+
+    Example:
+        >>> plain_tensors({"w": torch.ones(2)})["w"]
+        tensor([1., 1.])
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    plain = {}
+    for name, tensor in state_dict.items():
+        while is_traceable_wrapper_subclass(tensor):
+            inner_names, _ = tensor.__tensor_flatten__()
+            if len(inner_names) != 1:  # e.g. a quantized tensor (data + scale): not a wrapper around one tensor
+                break
+            tensor = getattr(tensor, inner_names[0])
+        plain[name] = tensor
+    return plain
+
+
 def _empty_or_missing(state_dict: dict[str, torch.Tensor] | None, model: torch.nn.Module) -> str | None:
     if not state_dict:
         return "the gathered state dict is empty"
@@ -568,6 +588,8 @@ def save_consolidated_model(
     output_dir = Path(output_dir)
     tmp_dir = output_dir.with_name(output_dir.name + ".tmp-save")
     state_dict = accelerator.get_state_dict(model)  # collective: all ranks
+    if state_dict is not None:
+        state_dict = plain_tensors(state_dict)
     unwrapped = accelerator.unwrap_model(model)
     error = None
     if accelerator.is_main_process:
