@@ -54,8 +54,27 @@ _LAZY_EXPORTS = {
     "quantize_onnx": "hf_optim.export.ort_quantize",
     "build_engine": "hf_optim.export.tensorrt",
     "export_tflite": "hf_optim.export.tflite",
+    "TFLiteCausalLM": "hf_optim.export.tflite",
     "fuse_projections": "hf_optim.compression.fusion",
     "unfuse_projections": "hf_optim.compression.fusion",
+    # monitoring
+    "ReferenceProfile": "hf_optim.monitoring.profile",
+    "TextMonitor": "hf_optim.monitoring.monitor",
+    "MonitoringResult": "hf_optim.monitoring.monitor",
+    "MetricResult": "hf_optim.monitoring.monitor",
+    # serving
+    "serve": "hf_optim.monitoring.server",
+    "create_app": "hf_optim.monitoring.server",
+    "ServeConfig": "hf_optim.monitoring.server",
+    # hub
+    "push_to_hub": "hf_optim.hub",
+    "build_model_card": "hf_optim.hub",
+    "update_model_card": "hf_optim.hub",
+    # pipeline
+    "optimize": "hf_optim.pipeline.run",
+    "OptimizeRecipe": "hf_optim.pipeline.recipe",
+    "OptimizeResults": "hf_optim.pipeline.report",
+    "CompressionScheduleCallback": "hf_optim.pipeline.callbacks",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

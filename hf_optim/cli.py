@@ -213,7 +213,8 @@ def _run_export_tflite(args: argparse.Namespace) -> int:
 
     report = export_tflite(args.model, args.output, sequence_length=args.sequence_length, quantize=args.quantize)
     print(f"max |logits - PyTorch|: {report['max_abs_diff']:.3g}; top-1 agreement {report['top1_agreement']:.3f}")
-    print(f"Saved the TFLite model to {report['output']} ({report['size_bytes']} bytes)")
+    print(f"Saved the TFLite model to {report['output']} ({report['size_bytes']} bytes), report in "
+          f"{report['output']}.json; run it with hf_optim.export.tflite.TFLiteCausalLM.from_pretrained")
     return 0
 
 
@@ -221,8 +222,10 @@ def _add_export_tflite(formats: argparse._SubParsersAction) -> None:
     parser = formats.add_parser("tflite", help="Causal LM to TFLite (LiteRT): int32 input_ids of a fixed shape -> logits.")
     parser.add_argument("model", help="A model folder (plain Transformers or written by hf_optim) or a Hub id.")
     parser.add_argument("--output", required=True, help="The .tflite file (a .tflite.json report is written beside it).")
-    parser.add_argument("--sequence-length", type=int, default=128, help="Fixed input length (default 128).")
-    parser.add_argument("--quantize", default="none", choices=["none", "dynamic-int8", "weight-only-int8"])
+    parser.add_argument("--sequence-length", type=int, default=128,
+                        help="Fixed input length (default 128): the longest prompt + new tokens the graph can take.")
+    parser.add_argument("--quantize", default="none", choices=["none", "dynamic-int8", "weight-only-int8"],
+                        help="int8 per-channel weights; dynamic-int8 also quantizes activations at run time.")
     parser.set_defaults(handler=_run_export_tflite)
 
 
@@ -281,6 +284,223 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     _add_export_tflite(formats)
 
 
+def _run_push(args: argparse.Namespace) -> int:
+    from hf_optim.hub import push_to_hub
+
+    result = push_to_hub(
+        args.variant_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+        commit_message=args.commit_message, dry_run=args.dry_run, create_pr=args.create_pr, force=args.force,
+    )
+    if result.dry_run:  # stdout carries the file list only, so it can be piped
+        print("\n".join(result.files))
+        print(f"Dry run: would upload these {len(result.files)} files to {result.repo_id} ({result.revision}) "
+              "in one commit; nothing was sent.", file=sys.stderr)
+        return 0
+    print(f"Uploaded {len(result.files)} files to {result.repo_id} ({result.revision}) in one commit: "
+          f"{result.pr_url or result.commit_url}")
+    return 0
+
+
+def _add_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("push", help="Upload a variant folder to the Hugging Face Hub in one commit.")
+    parser.add_argument("variant_dir", help="A folder written by save_optimized, `compress`, `export` or `optimize`.")
+    parser.add_argument("--repo-id", required=True, help="The Hub repo, user-or-org/name (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repo private (ignored if it exists).")
+    parser.add_argument("--revision", help="Branch to commit to (created from main if missing; default main).")
+    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing directly.")
+    parser.add_argument("--commit-message", help="Commit summary (default: 'Upload <folder> with hf_optim').")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN, else the stored `hf auth login` token); "
+                                        "prefer HF_TOKEN, a command-line token lands in the shell history.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Print the files that would be uploaded, one per line, and send nothing.")
+    parser.add_argument("--force", action="store_true",
+                        help="Upload a folder that lacks config.json, model files or a README.md card.")
+    parser.set_defaults(handler=_run_push)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from hf_optim.monitoring.server import ServeConfig, serve
+
+    config = ServeConfig(
+        max_new_tokens_limit=args.max_new_tokens_limit, max_prompt_chars=args.max_prompt_chars,
+        max_pending_requests=args.max_pending_requests, device=args.device, monitoring=not args.no_monitoring,
+        reference_profile=args.reference_profile, output_reference_profile=args.output_reference_profile,
+        window_size=args.window_size,
+        window_seconds=args.window_seconds or None, queue_size=args.queue_size, traffic_log=args.traffic_log,
+        alert_webhooks=tuple(args.alert_webhook), alert_cooldown_s=args.alert_cooldown,
+        retrain_command=args.retrain_command, retrain_after_windows=args.retrain_after_windows,
+        retrain_cooldown_s=args.retrain_cooldown, retrain_log=args.retrain_log, shadow=args.shadow,
+        shadow_sample_rate=args.shadow_sample_rate,
+    )
+    serve(args.model, host=args.host, port=args.port, config=config, log_level=args.log_level)
+    return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="Serve a model over HTTP (/generate, /health, /metrics, /monitoring) with drift monitoring."
+    )
+    parser.add_argument("model", help="A PyTorch model folder or an `hf-optim export onnx` folder (model.onnx).")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda:N (PyTorch models).")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=256, help="Largest max_new_tokens accepted.")
+    parser.add_argument("--max-prompt-chars", type=int, default=8000, help="Longest prompt accepted (characters).")
+    parser.add_argument("--max-pending-requests", type=int, default=64,
+                        help="Requests waiting or running at once; more get 503 (default 64).")
+    parser.add_argument("--reference-profile", help="Profile from `hf-optim monitor fit-reference`: enables drift "
+                        "and quality monitoring of the served traffic.")
+    parser.add_argument("--output-reference-profile", help="Profile fitted on healthy model outputs: adds drift "
+                        "metrics of the generated text (output_*).")
+    parser.add_argument("--window-size", type=int, default=100, help="Requests per monitoring window (default 100).")
+    parser.add_argument("--window-seconds", type=float, default=300.0,
+                        help="Also close a window after this many seconds (0: by count only; default 300).")
+    parser.add_argument("--queue-size", type=int, default=1024,
+                        help="Monitoring queue length; when full, samples are dropped and counted.")
+    parser.add_argument("--traffic-log", help="Append every request to this JSON-lines file (`text` = prompt).")
+    parser.add_argument("--alert-webhook", action="append", default=[], metavar="URL",
+                        help="POST each alert as JSON to URL (repeatable).")
+    parser.add_argument("--alert-cooldown", type=float, default=300.0, help="Seconds before a metric re-alerts.")
+    parser.add_argument("--retrain-command", help="Command started when alerts persist, e.g. \"accelerate launch "
+                        "recipes/train_clm.py --config ... train_files=[{traffic}]\" ({traffic}: a snapshot of the "
+                        "traffic log).")
+    parser.add_argument("--retrain-after-windows", type=int, default=3,
+                        help="Consecutive alerting windows that start the retrain command (default 3).")
+    parser.add_argument("--retrain-cooldown", type=float, default=3600.0, help="Seconds between two retrain runs.")
+    parser.add_argument("--retrain-log", help="File for the retrain command's output (default: beside the traffic log).")
+    parser.add_argument("--shadow", metavar="BASE_MODEL", help="Compare the served model with this base model "
+                        "(next-token KL, greedy agreement) on sampled requests.")
+    parser.add_argument("--shadow-sample-rate", type=float, default=0.1, help="Share of requests compared.")
+    parser.add_argument("--no-monitoring", action="store_true", help="Serve only: no traffic log, no monitoring.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_monitor_fit(args: argparse.Namespace) -> int:
+    from hf_optim.core.texts import load_texts
+    from hf_optim.monitoring import ReferenceProfile
+
+    texts = load_texts(args.texts, text_column=args.text_column, unit="line")
+    profile = ReferenceProfile.fit(
+        texts, args.tokenizer or args.model, embeddings=not args.no_embeddings, model=args.model, seed=args.seed
+    )
+    path = profile.save(args.output)
+    print(f"Saved {profile!r} to {path}")
+    return 0
+
+
+def _worst_windows(results: list) -> list[dict]:
+    """Per metric, the window whose value is furthest above (or closest to) its threshold."""
+    worst: dict[str, dict] = {}
+    for index, result in enumerate(results):
+        for metric in result.metrics:
+            ratio = metric.value / metric.threshold if metric.threshold > 0 else float("inf")
+            if metric.name not in worst or ratio > worst[metric.name]["_ratio"]:
+                worst[metric.name] = {**metric.to_dict(), "window": index, "_ratio": ratio}
+    return [{k: v for k, v in entry.items() if k != "_ratio"} for entry in worst.values()]
+
+
+def _run_monitor_check(args: argparse.Namespace) -> int:
+    from hf_optim.core.texts import load_texts
+    from hf_optim.monitoring import ReferenceProfile, TextMonitor
+    from hf_optim.monitoring.profile import load_model
+
+    profile = ReferenceProfile.load(args.profile)
+    texts = load_texts(args.texts, text_column=args.text_column, unit="line")
+    model_path = args.model or profile.model_path
+    model = load_model(model_path) if model_path and "prompt_perplexity" in profile.features else None
+    monitor = TextMonitor(profile, tokenizer=args.tokenizer or (args.model if args.model else None), model=model)
+    results = monitor.calculate_windows(texts, window_size=args.window_size)
+    if args.report:
+        from hf_optim.monitoring.report import write_report
+
+        write_report(results, args.report)
+    summary = {
+        "drift": any(r.drift for r in results),
+        "n": len(texts),
+        "metrics": [m.to_dict() for m in results[0].metrics] if len(results) == 1 else _worst_windows(results),
+        "windows": [r.to_dict() for r in results],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{len(texts)} texts in {len(results)} window(s): {'DRIFT' if summary['drift'] else 'no drift'}")
+        for metric in summary["metrics"]:
+            flag = "ALERT" if metric["alert"] else "ok"
+            print(f"  {metric['name']:<24} {metric['kind']:<8} value {metric['value']:.4g}  "
+                  f"threshold {metric['threshold']:.4g}  {flag}")
+        if args.report:
+            print(f"Report: {args.report}")
+    return 0
+
+
+def _add_monitor(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "monitor", help="Drift and quality of text against a reference profile (batch use of the serving monitor)."
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    texts_help = "A .txt file with one document per line, or a .jsonl file with a text field per line."
+    fit = actions.add_parser("fit-reference", help="Learn what normal text looks like, with thresholds, into a profile.")
+    fit.add_argument("--texts", required=True, help=texts_help)
+    fit.add_argument("--output", required=True, help="Profile file to write (.npz, a few MB at most).")
+    fit.add_argument("--tokenizer", help="The served model's tokenizer (folder or Hub id) for token features.")
+    fit.add_argument("--model", help="A causal LM folder: records each text's perplexity (and its tokenizer).")
+    fit.add_argument("--no-embeddings", action="store_true", help="Skip MiniLM embedding drift (faster).")
+    fit.add_argument("--text-column", default="text", help="Field of the .jsonl objects (default: text).")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(handler=_run_monitor_fit)
+    check = actions.add_parser(
+        "check", help="Compare texts with a profile. Exit status 0 whether or not drift is found (2: bad input)."
+    )
+    check.add_argument("--profile", required=True, help="A profile written by `monitor fit-reference`.")
+    check.add_argument("--texts", required=True, help=texts_help)
+    check.add_argument("--json", action="store_true", help="Print JSON: drift, n, metrics[], windows[].")
+    check.add_argument("--window-size", type=int, default=None, help="Check consecutive windows of N texts "
+                       "(default: all texts as one window); top-level metrics are then each metric's worst window.")
+    check.add_argument("--report", help="Write an HTML report (each metric over windows against its threshold).")
+    check.add_argument("--tokenizer", help="Tokenizer to use instead of the path recorded in the profile.")
+    check.add_argument("--model", help="Model for prompt perplexity instead of the one recorded in the profile.")
+    check.add_argument("--text-column", default="text", help="Field of the .jsonl objects (default: text).")
+    check.set_defaults(handler=_run_monitor_check)
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    from hf_optim.pipeline.run import optimize
+
+    results = optimize(args.model, args.recipe, args.output, overrides=args.overrides, select=args.select)
+    print(results.to_markdown())
+    kept = ", ".join(results.selected) or "none"
+    print(f"Kept {kept}; results.json, report.md and report.html are in {args.output}")
+    return 0
+
+
+class _OverridesAfterOptionsParser(argparse.ArgumentParser):
+    """Collects ``key=value`` words wherever they stand: argparse alone fills a ``nargs='*'`` positional only from
+    the first run of positional words, so ``optimize MODEL --recipe R --output O key=value`` would be rejected."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        overrides = [word for word in extras if "=" in word and not word.startswith("-")]
+        namespace.overrides = [*(namespace.overrides or []), *overrides]
+        return namespace, [word for word in extras if word not in overrides]
+
+
+def _add_optimize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "optimize", help="Build every variant of a recipe, measure each against the base model, report, select."
+    )
+    parser.__class__ = _OverridesAfterOptionsParser  # subparsers build plain ArgumentParsers
+    parser.add_argument("model", help="A model folder (plain Transformers or written by hf_optim) or a Hub id.")
+    parser.add_argument("--recipe", required=True, help="Optimize recipe YAML (variants, data, budget), e.g. "
+                        "recipes/optimize_tiny.yaml.")
+    parser.add_argument("--output", required=True, help="Folder for the variant folders, results.json and reports.")
+    parser.add_argument("--select", choices=["all", "pareto"], default=None,
+                        help="Keep every variant's folder (all) or only the Pareto-optimal ones inside the budget "
+                             "(pareto); default: the recipe's `select`.")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. variants=[int8,wanda-50]")
+    parser.set_defaults(handler=_run_optimize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hf-optim``, with every sub-command registered."""
     parser = argparse.ArgumentParser(
@@ -293,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_compress(subparsers)
     _add_export(subparsers)
+    _add_optimize(subparsers)
+    _add_monitor(subparsers)
+    _add_serve(subparsers)
+    _add_push(subparsers)
     return parser
 
 

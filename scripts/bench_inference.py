@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Inference benchmark: PyTorch vs ONNX Runtime (fp32, fused, INT8, INT4) side by side, in one run.
+"""Inference benchmark: PyTorch vs ONNX Runtime (fp32, fused, INT8, INT4) vs TFLite side by side, in one run.
 
 For each model — the real pretrained ``../shared/models/stories260K`` (quality and speed) and a ~50M-parameter random
 Llama shape (speed) — every runtime variant is built, then measured in interleaved rounds: prefill latency (batch 1,
 ``--prompt-tokens``), greedy decode tokens/s (``--new-tokens``), perplexity on TinyStories text (pretrained model
 only), size on disk, speed relative to PyTorch fp32 eager, and how close decode gets to the memory-bandwidth bound
-(measured copy bandwidth / bytes of weights read per token). JSON, Markdown and a plot.
+(measured copy bandwidth / bytes of weights read per token: every weight but the input-embedding table, of which a
+step reads one row). JSON, Markdown and a plot.
+
+ONNX Runtime rows run with ``--threads`` intra-op threads; ``-nospin`` rows also switch off ONNX Runtime's
+busy-waiting worker threads, which decides the speed when other processes share the cores. TFLite rows (fp32 and
+dynamic int8, when litert-torch is installed) have no KV cache: each new token recomputes the fixed-length window.
 
     python scripts/bench_inference.py [--models stories260K,llama-50m] [--rows eager,ort-fp32,ort-int8] [--threads 2]
 """
@@ -13,7 +18,9 @@ only), size on disk, speed relative to PyTorch fp32 eager, and how close decode 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +63,17 @@ def build_model(name: str, workdir: Path):
     raise SystemExit(f"Unknown model {name!r}; use stories260K or llama-50m.")
 
 
-def build_rows(model, folder: Path, workdir: Path, calibration: list[str]) -> dict[str, Callable[[], tuple[object, Path]]]:
-    """Row name -> builder returning (runnable model, folder whose size counts)."""
+def build_rows(
+    model, folder: Path, workdir: Path, calibration: list[str], threads: int, tflite_length: int | None
+) -> dict[str, Callable[[], tuple[object, Path]]]:
+    """Row name -> builder returning (runnable model, folder or file whose size counts).
+
+    ``tflite_length``: the fixed input length of the TFLite rows (None leaves them out).
+    """
     onnx_dir = workdir / "onnx-fp32"
+
+    def load(path: Path, spinning: bool = True):
+        return hf_optim.OnnxCausalLM.from_pretrained(path, num_threads=threads, allow_spinning=spinning)
 
     def eager():
         return model, folder
@@ -69,24 +85,41 @@ def build_rows(model, folder: Path, workdir: Path, calibration: list[str]) -> di
 
     def ort_fp32():
         hf_optim.export_onnx(model, onnx_dir)
-        return hf_optim.OnnxCausalLM.from_pretrained(onnx_dir), onnx_dir
+        return load(onnx_dir), onnx_dir
 
-    def ort_variant(name: str, build: Callable[[Path, Path], object]):
+    def ort_variant(name: str, build: Callable[[Path, Path], object], spinning: bool = True):
         def make():
             if not onnx_dir.exists():
                 hf_optim.export_onnx(model, onnx_dir)
             out = workdir / name
-            build(onnx_dir, out)
-            return hf_optim.OnnxCausalLM.from_pretrained(out), out
+            if not out.exists():  # a -nospin row reuses its spinning sibling's folder
+                build(onnx_dir, out)
+            return load(out, spinning), out
 
         return make
 
-    rows: dict[str, Callable] = {"eager": eager, "ort-fp32": ort_fp32}
-    if hasattr(hf_optim, "optimize_onnx"):
-        rows["ort-O2"] = ort_variant("ort-O2", lambda src, dst: hf_optim.optimize_onnx(src, dst, level="O2"))
-    if hasattr(hf_optim, "quantize_onnx"):
-        rows["ort-int8"] = ort_variant("ort-int8", lambda src, dst: hf_optim.quantize_onnx(src, dst, mode="dynamic-int8"))
-        rows["ort-int4"] = ort_variant("ort-int4", lambda src, dst: hf_optim.quantize_onnx(src, dst, mode="int4"))
+    def tflite(quantize: str):
+        def make():
+            out = workdir / f"tflite-{quantize}.tflite"
+            hf_optim.export_tflite(model, out, sequence_length=tflite_length, quantize=quantize)
+            return hf_optim.TFLiteCausalLM.from_pretrained(out, num_threads=threads), out
+
+        return make
+
+    def int8(src: Path, dst: Path) -> dict:
+        return hf_optim.quantize_onnx(src, dst, mode="dynamic-int8")
+
+    rows: dict[str, Callable] = {
+        "eager": eager,
+        "ort-fp32": ort_fp32,
+        "ort-O2": ort_variant("ort-O2", lambda src, dst: hf_optim.optimize_onnx(src, dst, level="O2")),
+        "ort-int8": ort_variant("ort-int8", int8),
+        "ort-int8-nospin": ort_variant("ort-int8", int8, spinning=False),
+        "ort-int4": ort_variant("ort-int4", lambda src, dst: hf_optim.quantize_onnx(src, dst, mode="int4")),
+    }
+    if tflite_length is not None:
+        rows["tflite-fp32"] = tflite("none")
+        rows["tflite-int8"] = tflite("dynamic-int8")
     rows["compile"] = compiled  # last: it patches the shared PyTorch model in place
     return rows
 
@@ -104,9 +137,27 @@ def copy_bandwidth(megabytes: int = 512) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def weight_bytes_per_token(folder: Path) -> int:
-    """Bytes of weights streamed per decode step: the weight files' size (all weights are read once per token)."""
-    return size_on_disk(folder)
+def weight_bytes_per_token(runtime, folder: Path) -> int:
+    """Bytes of weights a decode step streams: all weights except the input-embedding table (one row is gathered).
+
+    A tied table counts: the LM head reads all of it. For ONNX graphs the table is the initializer feeding a Gather
+    (the exporter gives the head its own transposed copy, so it counts there).
+    """
+    if folder.suffix == ".tflite":  # no KV cache: every step runs the whole graph, so every weight is read
+        return folder.stat().st_size
+    if isinstance(runtime, torch.nn.Module):
+        embedding = runtime.get_input_embeddings().weight
+        head = runtime.get_output_embeddings()
+        tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+        total = sum(p.numel() * p.element_size() for p in runtime.parameters())
+        return total if tied else total - embedding.numel() * embedding.element_size()
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    sizes = {t.name: int(np.prod(t.dims)) * tensor_dtype_to_np_dtype(t.data_type).itemsize for t in graph.initializer}
+    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather" and node.input[0] in sizes}
+    return sum(size for name, size in sizes.items() if name not in gathered)
 
 
 def measure(models: dict[str, object], tokenizer, prompt_tokens: int, new_tokens: int, rounds: int) -> dict[str, dict]:
@@ -146,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=20000, help="Perplexity text budget (pretrained model).")
+    parser.add_argument("--tflite-max-parameters", type=float, default=10e6,
+                        help="TFLite rows only for models up to this size: without a KV cache each new token "
+                             "recomputes the whole fixed-length window (~1 s/token for the 50M model).")
     parser.add_argument("--output-dir", default="outputs/bench_inference")
     args = parser.parse_args(argv)
 
@@ -164,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp) / model_name
             workdir.mkdir()
             model, tokenizer, folder = build_model(model_name, workdir)
-            rows = build_rows(model, folder, workdir, calibration)
+            parameters = sum(p.numel() for p in model.parameters())
+            tflite = importlib.util.find_spec("litert_torch") and parameters <= args.tflite_max_parameters
+            # the fixed TFLite length holds the prompt + new tokens and the 256-token perplexity window
+            tflite_length = max(256, args.prompt_tokens + args.new_tokens) if tflite else None
+            rows = build_rows(model, folder, workdir, calibration, args.threads, tflite_length)
             selected = args.rows.split(",") if args.rows else list(rows)
             runtimes, table = {}, {}
             for row in selected:
@@ -173,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     runtimes[row], row_folder = rows[row]()
-                    table[row] = {"size_bytes": size_on_disk(row_folder)}
+                    table[row] = {"size_bytes": size_on_disk(row_folder),
+                                  "weight_bytes_per_token": weight_bytes_per_token(runtimes[row], row_folder)}
                     if model_name == "stories260K":
                         table[row]["perplexity"] = evaluate_perplexity(
                             runtimes[row], tokenizer, eval_texts, 256, 128, args.max_tokens)
@@ -183,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{model_name}] {row}: {table[row]}", flush=True)
             for row, numbers in measure(runtimes, tokenizer, args.prompt_tokens, args.new_tokens, args.rounds).items():
                 table[row].update(numbers)
-                bound = bandwidth / table[row]["size_bytes"]
+                bound = bandwidth / table[row]["weight_bytes_per_token"]
                 table[row]["bandwidth_bound_tokens_per_s"] = bound
                 table[row]["share_of_bound"] = numbers["decode_tokens_per_s"] / bound
             base = table.get("eager", {})
@@ -193,26 +252,32 @@ def main(argv: list[str] | None = None) -> int:
                     row["prefill_vs_eager"] = base["prefill_s"] / row["prefill_s"]
                 if "perplexity" in row and "perplexity" in base:
                     row["perplexity_vs_eager"] = row["perplexity"] / base["perplexity"] - 1
-            results[model_name] = {"parameters": sum(p.numel() for p in model.parameters()), "rows": table}
+            results[model_name] = {"parameters": parameters, "rows": table}
 
     meta = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "rounds": args.rounds, "copy_bandwidth_gb_s": bandwidth / 1e9, "torch": torch.__version__}
+            "rounds": args.rounds, "copy_bandwidth_gb_s": bandwidth / 1e9, "torch": torch.__version__,
+            # other processes on the same cores slow every row, ONNX Runtime's spinning threads the most
+            "load_average_1min_at_end": os.getloadavg()[0], "cpu_count": os.cpu_count()}
     (output_dir / "bench_inference.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = [f"# Inference benchmark ({args.threads} threads, batch 1, {args.prompt_tokens}-token prompt, "
-             f"{args.new_tokens} new tokens, copy bandwidth {bandwidth / 1e9:.1f} GB/s)", ""]
+             f"{args.new_tokens} new tokens, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+             f"load average {meta['load_average_1min_at_end']:.1f} on {meta['cpu_count']} CPUs)", ""]
     for model_name, result in results.items():
         lines += [f"## {model_name} ({result['parameters'] / 1e6:.2f}M parameters)", "",
-                  "| runtime | prefill ms | decode tok/s | decode × eager | % of bandwidth bound | size MB | perplexity | Δ ppl |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| runtime | prefill ms | decode tok/s | decode × eager | MB read/token | bound tok/s | % of bound "
+                  "| size MB | perplexity | Δ ppl |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row, r in result["rows"].items():
             if "error" in r:
-                lines.append(f"| {row} | error: {r['error']} | | | | | | |")
+                lines.append(f"| {row} | error: {r['error']} | | | | | | | | |")
                 continue
             ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
             dppl = f"{r['perplexity_vs_eager']:+.2%}" if "perplexity_vs_eager" in r else "-"
             lines.append(
-                f"| {row} | {r['prefill_s'] * 1e3:.2f} | {r['decode_tokens_per_s']:.1f} | {r.get('decode_vs_eager', 1):.2f} | "
-                f"{r['share_of_bound']:.1%} | {r['size_bytes'] / 1e6:.2f} | {ppl} | {dppl} |")
+                f"| {row} | {r['prefill_s'] * 1e3:.2f} | {r['decode_tokens_per_s']:.1f} | "
+                f"{r.get('decode_vs_eager', 1):.2f} | {r['weight_bytes_per_token'] / 1e6:.1f} | "
+                f"{r['bandwidth_bound_tokens_per_s']:.0f} | {r['share_of_bound']:.1%} | "
+                f"{r['size_bytes'] / 1e6:.2f} | {ppl} | {dppl} |")
         lines.append("")
     table_text = "\n".join(lines)
     (output_dir / "bench_inference.md").write_text(table_text)

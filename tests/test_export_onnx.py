@@ -190,3 +190,62 @@ def test_runtime_rejects_sampling(exported):
     _, folder, _ = exported("llama")
     with pytest.raises(ConfigError, match="do_sample=True"):
         _runtime(folder).generate(torch.tensor([[3, 4]]), max_new_tokens=2, do_sample=True)
+
+
+def _count_calls(monkeypatch, session, names=("run", "run_with_iobinding")) -> dict:
+    """Wrap ``session``'s run methods to count how often generate() uses each."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(session, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(session, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_io_bound_loop_matches_plain_loop_and_pytorch(exported, family, monkeypatch):
+    """The IO-binding loop (cache kept in ONNX Runtime) gives the plain session.run loop's and PyTorch's tokens."""
+    model, folder, _ = exported(family)
+    bound = _runtime(folder)
+    plain = OnnxCausalLM.from_pretrained(folder / "export", providers=["CPUExecutionProvider"], io_binding=False)
+    bound_calls, plain_calls = _count_calls(monkeypatch, bound.session), _count_calls(monkeypatch, plain.session)
+    ids = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: positions and mask must advance the same way in both loops
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got_bound = bound.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got_plain = plain.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert got_bound.dtype == torch.long and torch.equal(got_bound, got_plain) and torch.equal(got_bound, expected)
+    assert bound_calls == {"run": 0, "run_with_iobinding": 10}
+    assert plain_calls == {"run": 10, "run_with_iobinding": 0}
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows_like_pytorch(exported):
+    model, folder, _ = exported("mistral")
+    ids = torch.randint(2, 512, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              eos_token_id=-1)
+    eos = int(free[0, 5 + 2])  # row 0 ends at its third new token; row 1 runs on (or ends too) with that id
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=1)
+    assert expected[0, -1] == 1 or expected.shape[1] < free.shape[1]  # the EOS really cut or padded row 0
+    for io_binding in (True, False):
+        runtime = OnnxCausalLM.from_pretrained(folder / "export", num_threads=1, io_binding=io_binding)
+        assert torch.equal(runtime.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=1), expected)
+
+
+def test_session_options(exported):
+    _, folder, _ = exported("llama")
+    runtime = OnnxCausalLM.from_pretrained(folder / "export", num_threads=2, allow_spinning=False)
+    options = runtime.session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(ConfigError, match="num_threads=0"):
+        OnnxCausalLM.from_pretrained(folder / "export", num_threads=0)

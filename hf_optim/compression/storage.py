@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -122,23 +121,6 @@ def _packed_modules(model: nn.Module) -> dict[str, PackedWeight]:
     return {name: getattr(m, PACKED_ATTR) for name, m in model.named_modules() if hasattr(m, PACKED_ATTR)}
 
 
-def _model_card(model: nn.Module, steps: list[dict[str, Any]], metrics: dict[str, Any], base_model: str | None) -> str:
-    from huggingface_hub import ModelCardData
-
-    kinds = {step.get("kind") for step in steps}
-    relation = "quantized" if kinds & {"quantize", "cluster"} else "finetune"
-    tags = ["hf-optim", *sorted(k for k in kinds if k)]
-    data = ModelCardData(base_model=base_model, base_model_relation=relation if base_model else None,
-                         library_name="transformers", tags=tags)
-    lines = [f"---\n{data.to_yaml()}\n---", f"# {type(model).__name__} compressed with hf_optim", "", "## Steps", ""]
-    lines += [f"{i}. `{json.dumps(step, sort_keys=True)}`" for i, step in enumerate(steps, 1)] or ["(none)"]
-    if metrics:
-        lines += ["", "## Measured", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in metrics.items()]
-    lines += ["", "## Load", "", "```python", "import hf_optim", "model = hf_optim.load_optimized(\"<this folder>\")", "```", ""]
-    return "\n".join(lines)
-
-
 def save_optimized(
     model: nn.Module,
     output_dir: str | Path,
@@ -154,6 +136,7 @@ def save_optimized(
     from safetensors.torch import save_file
 
     from hf_optim.compression.api import compression_history
+    from hf_optim.hub import CARD_FILE, build_model_card
 
     output_dir = Path(output_dir)
     with staged_directory(output_dir) as staging:
@@ -180,7 +163,7 @@ def save_optimized(
             "metrics": metrics or {},
         }
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2))
-        (staging / "README.md").write_text(_model_card(model, steps, metrics or {}, base_model))
+        build_model_card(staging, name=output_dir.name).save(staging / CARD_FILE)
     return output_dir
 
 

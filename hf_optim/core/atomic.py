@@ -1,9 +1,10 @@
-"""Writing a folder atomically: build it beside the target, then swap it in with renames.
+"""Writing folders and files atomically: build them beside the target, then swap them in with renames.
 
 Example:
     >>> with staged_directory("out/model") as staging:  # doctest: +SKIP
     ...     (staging / "config.json").write_text("{}")
     >>> # out/model now holds config.json; had the block raised, out/model would be untouched
+    >>> write_file_atomically("out/report.md", b"# Report")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +34,26 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty hidden folder beside ``target``; on success it replaces ``target``, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # plain mkdir keeps the user's umask (tempfile.mkdtemp would make the folder private)
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_directory(staging, target)
+
+
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a hidden file beside ``path``, then rename it over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:  # os.open with mode 0o666 keeps the user's umask (mkstemp would make the file private)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb") as stream:
+            stream.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -36,7 +36,7 @@ from hf_optim.core.evaluation import size_on_disk
 from hf_optim.core.errors import ConfigError, HfOptimError
 from hf_optim.export.onnx import EXTERNAL_DATA_FILE, _sample_batch
 from hf_optim.export.ort_optimize import (
-    OPTIMIZATION_FILE, QUANTIZATION_FILE, check_onnx_dir, copy_side_files, op_counts, read_report,
+    OPTIMIZATION_FILE, QUANTIZATION_FILE, check_onnx_dir, copy_side_files, op_counts,
 )
 from hf_optim.export.runtime import ONNX_FILE, OnnxCausalLM
 

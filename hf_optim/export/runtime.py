@@ -4,6 +4,10 @@ The graph describes itself: inputs ``input_ids``, ``attention_mask``, ``position
 KV cache, ``past_key_values.{i}.key/value`` (batch, kv_heads, past_len, head_dim); outputs ``logits`` and
 ``present.{i}.key/value``.
 
+``generate()`` keeps the whole greedy loop in NumPy and, with the KV cache, runs it through ONNX Runtime IO binding:
+each step's ``present`` tensors stay ONNX Runtime values (on the device of the execution provider) and are bound as
+the next step's ``past`` inputs, so the cache never travels through NumPy or torch between steps.
+
 Example:
     >>> model = OnnxCausalLM.from_pretrained("exported/")
     >>> ids = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
@@ -51,10 +55,14 @@ class OnnxCausalLM:
         >>> out = model.generate(ids, max_new_tokens=16, do_sample=False)
     """
 
-    def __init__(self, session: Any, config: Any, generation_config: dict | None = None) -> None:
+    def __init__(
+        self, session: Any, config: Any, generation_config: dict | None = None, io_binding: bool = True
+    ) -> None:
         self.session = session
         self.config = config
         self.generation_config = generation_config or {}
+        # IO binding keeps the cache inside ONNX Runtime between steps; False runs the plain session.run loop
+        self.io_binding = io_binding
         inputs = {node.name: node for node in session.get_inputs()}
         self.input_names = set(inputs)
         self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
@@ -71,8 +79,15 @@ class OnnxCausalLM:
         model_dir: str | Path,
         providers: Sequence[str] | None = None,
         num_threads: int | None = None,
+        allow_spinning: bool = True,
+        io_binding: bool = True,
     ) -> "OnnxCausalLM":
         """Load ``model_dir/model.onnx`` (and its config.json) on the best available execution provider.
+
+        ``num_threads`` sets ONNX Runtime's intra-op threads (default: one per physical core). ``allow_spinning``
+        False makes idle worker threads sleep instead of busy-waiting between operators: slightly slower on idle
+        cores, much faster when other processes compete for them. ``io_binding`` False keeps ``generate()`` on the
+        plain ``session.run`` loop (the cache copied out to NumPy and back every step).
 
         Example:
             >>> model = OnnxCausalLM.from_pretrained("exported/", providers=["CPUExecutionProvider"], num_threads=2)
@@ -83,16 +98,23 @@ class OnnxCausalLM:
         model_dir = Path(model_dir)
         if not (model_dir / ONNX_FILE).is_file():
             raise ConfigError(f"{str(model_dir)!r} has no {ONNX_FILE}; write one with hf_optim.export_onnx(model, dir)")
+        if num_threads is not None and num_threads < 1:
+            raise ConfigError(f"num_threads={num_threads} must be >= 1 (or None for one per physical core).")
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # one operator after another: a decode step is a chain of small ops, and parallel mode only adds scheduling
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
+        if not allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(
             str(model_dir / ONNX_FILE), sess_options=options, providers=list(providers or default_providers())
         )
         config = AutoConfig.from_pretrained(model_dir)
         gen_file = model_dir / "generation_config.json"
         generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-        return cls(session, config, generation_config)
+        return cls(session, config, generation_config, io_binding=io_binding)
 
     def _empty_past(self, batch: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         empty = np.zeros((batch, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
@@ -140,7 +162,19 @@ class OnnxCausalLM:
         value = self.generation_config.get(name)
         return value if value is not None else getattr(self.config, name, None)
 
-    @torch.no_grad()
+    def _device(self) -> str:
+        """Where ONNX Runtime keeps outputs bound to the device: the GPU for CUDA/TensorRT sessions, else the CPU."""
+        gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self.session.get_providers())
+        return "cuda" if gpu else "cpu"
+
+    def _last_logits(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Any) -> tuple:
+        """One plain step: logits of the last position (batch, vocab) as NumPy, and the new cache."""
+        out = self(
+            input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions), past_key_values=past,
+        )
+        return out.logits[:, -1, :].numpy(), out.past_key_values
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -163,34 +197,80 @@ class OnnxCausalLM:
             raise ConfigError("do_sample=True is not supported by OnnxCausalLM.generate; use do_sample=False (greedy).")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-        input_ids = torch.as_tensor(input_ids).long().cpu()
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        batch = input_ids.shape[0]
-        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).long().cpu()
+        ids = torch.as_tensor(input_ids).long().cpu()
+        ids = (ids.unsqueeze(0) if ids.dim() == 1 else ids).numpy()
+        batch = ids.shape[0]
+        mask = np.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long().cpu().numpy()
+        mask = mask.reshape(ids.shape)
         eos = self._special_id("eos_token_id") if eos_token_id is None else eos_token_id
-        eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+        eos_ids = np.asarray([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=np.int64)
         pad = self._special_id("pad_token_id") if pad_token_id is None else pad_token_id
         if pad is None and len(eos_ids):
             pad = int(eos_ids[0])  # what transformers falls back to
         # positions count real tokens only, so left-padded rows start at 0 (transformers' rule)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        sequences, past, step_ids, step_positions = input_ids, None, input_ids, positions
-        unfinished = torch.ones(batch, dtype=torch.bool)
+        positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
+        bound = _BoundDecoder(self, batch) if self.use_cache and self.io_binding else None
+        new_tokens: list[np.ndarray] = []
+        step_ids, step_positions, past = ids, positions, None
+        unfinished = np.ones(batch, dtype=bool)
         for _ in range(max_new_tokens):
-            out = self(step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=past)
-            next_tokens = out.logits[:, -1, :].argmax(dim=-1)
+            if bound is not None:
+                logits = bound.step(step_ids, mask, step_positions)
+            else:
+                logits, past = self._last_logits(step_ids, mask, step_positions, past)
+            next_tokens = logits.argmax(-1).astype(np.int64)
             if pad is not None:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=-1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+                next_tokens = np.where(unfinished, next_tokens, pad)
+            new_tokens.append(next_tokens)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=-1)
+            positions = np.concatenate([positions, positions[:, -1:] + 1], axis=-1)
             if len(eos_ids):
-                unfinished &= ~torch.isin(next_tokens, eos_ids)
+                unfinished &= ~np.isin(next_tokens, eos_ids)
                 if not unfinished.any():
                     break
             if self.use_cache:
-                past, step_ids, step_positions = out.past_key_values, next_tokens[:, None], positions[:, -1:]
+                step_ids, step_positions = next_tokens[:, None], positions[:, -1:]
             else:
-                step_ids, step_positions = sequences, positions
-        return sequences
+                step_ids, step_positions = np.concatenate([ids, np.stack(new_tokens, axis=-1)], axis=-1), positions
+        return torch.from_numpy(np.concatenate([ids, np.stack(new_tokens, axis=-1)], axis=-1))
+
+
+class _BoundDecoder:
+    """Greedy-decoding steps through ONNX Runtime IO binding, the cache kept as ONNX Runtime values between steps.
+
+    Every step binds the small inputs (ids, mask, positions) from NumPy without a copy, lets ONNX Runtime allocate
+    the outputs on the session's device, and binds each ``present`` output as the next step's ``past`` input as it
+    is, so the cache is never copied out of ONNX Runtime. Only the last position's logits come back to NumPy.
+    """
+
+    def __init__(self, model: OnnxCausalLM, batch: int) -> None:
+        import onnxruntime as ort
+
+        self._session = model.session
+        self._binding = model.session.io_binding()
+        self._device = model._device()
+        self._output_names = model.output_names
+        self._past_names = [
+            f"past_key_values.{layer}.{kind}" for layer in range(model.num_layers) for kind in ("key", "value")
+        ]
+        self._present_names = [name.replace("past_key_values.", "present.", 1) for name in self._past_names]
+        empty = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((batch, model._kv_heads, 0, model._head_dim), dtype=model._kv_dtype), self._device
+        )
+        for name in self._past_names:
+            self._binding.bind_ortvalue_input(name, empty)
+        self._inputs: tuple[np.ndarray, ...] = ()
+
+    def step(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run one forward pass; returns the last position's logits (batch, vocab) as NumPy."""
+        # bind_cpu_input wraps the arrays without copying, so they must outlive the run
+        self._inputs = tuple(np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, mask, positions))
+        for name, array in zip(("input_ids", "attention_mask", "position_ids"), self._inputs):
+            self._binding.bind_cpu_input(name, array)
+        for name in self._output_names:
+            self._binding.bind_output(name, self._device)
+        self._session.run_with_iobinding(self._binding)
+        outputs = dict(zip(self._output_names, self._binding.get_outputs()))
+        for past, present in zip(self._past_names, self._present_names):
+            self._binding.bind_ortvalue_input(past, outputs[present])
+        return outputs["logits"].numpy()[:, -1, :]

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_optim.core.atomic import write_file_atomically
 from hf_optim.core.errors import ConfigError, HfOptimError
 from hf_optim.export.runtime import ONNX_FILE
 
@@ -257,18 +257,6 @@ def build_engine(
         "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()},
         "ranges": asdict(ranges or ProfileRanges()), "engine_bytes": serialized.nbytes,
     }
-    _write_atomic(output, bytes(serialized))
-    _write_atomic(output.with_suffix(output.suffix + ".json"), json.dumps(report, indent=2).encode())
+    write_file_atomically(output, bytes(serialized))
+    write_file_atomically(output.with_suffix(output.suffix + ".json"), json.dumps(report, indent=2).encode())
     return report
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
