@@ -7,8 +7,9 @@
 2. Optimize it: ``hf-optim optimize`` builds and measures a few variants against held-out documentation and writes
    the report (Markdown, HTML, plots), each variant with its model card and reference drift profile.
 3. Publish in dry-run mode: ``hf-optim push <variant> --dry-run`` lists the files one commit would upload.
-4. Serve the chosen variant with monitoring (``hf-optim serve``), send held-out prose and then Python source code,
-   and show the drift of each window; ``hf-optim monitor check`` does the same check in batch.
+4. Serve the chosen variant with monitoring (``hf-optim serve``), send documentation prose (like the reference) and
+   then JSON records (a client gone wrong), and show the drift of each window; ``hf-optim monitor check`` does the
+   same check in batch.
 
 It prints where every artifact is.
 
@@ -18,8 +19,8 @@ It prints where every artifact is.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import locale
 import os
 import re
 import socket
@@ -43,7 +44,7 @@ DEMO_TRAINING = [
 
 
 OPTIMIZE_VARIANTS = "[int8,wanda-2:4+int8,onnx-int8]"
-SERVE_WINDOW = 16
+SERVE_WINDOW = 32
 
 
 def write_corpus(folder: Path) -> tuple[Path, Path]:
@@ -58,18 +59,18 @@ def write_corpus(folder: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
-def prose_prompts(heldout: Path, count: int) -> list[str]:
-    """Held-out documentation paragraphs of prompt size: traffic like the reference."""
-    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in heldout.read_text().split("\n\n"))
+def prose_prompts(corpus: Path, count: int) -> list[str]:
+    """Documentation paragraphs of prompt size from the training text: the same source as the reference profile
+    (which was fitted on the held-out documents), so these must not alert."""
+    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in corpus.read_text().split("\n\n"))
     return [p for p in paragraphs if 60 <= len(p) <= 400][:count]
 
 
-def code_prompts(count: int) -> list[str]:
-    """Python source code of the standard library: traffic unlike the reference."""
-    import argparse as module
-
-    blocks = (b.strip() for b in inspect.getsource(module).split("\n\n"))
-    return [b[:400] for b in blocks if len(b) >= 60][:count]
+def json_record_prompts(count: int) -> list[str]:
+    """Shifted traffic: a client that sends JSON records instead of questions (built from CPython's locale table)."""
+    aliases = sorted(locale.locale_alias.items())[::7]
+    return [json.dumps({"request_id": i, "locale": alias, "resolved": name}) for i, (alias, name) in
+            enumerate(aliases[:count])]
 
 
 def hf_optim_command(*args: str) -> list[str]:
@@ -102,8 +103,8 @@ def wait_for(predicate, timeout: float, what: str):
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def serve_and_watch(variant: Path, output_dir: Path, prose: list[str], code: list[str], env: dict) -> dict:
-    """Serve ``variant`` with monitoring, send one window of prose and one of code, return both windows' results."""
+def serve_and_watch(variant: Path, output_dir: Path, prose: list[str], records: list[str], env: dict) -> dict:
+    """Serve ``variant`` with monitoring, send one window of prose and one of JSON records; both windows' results."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (output_dir / "serve.log").open("w")
@@ -114,7 +115,7 @@ def serve_and_watch(variant: Path, output_dir: Path, prose: list[str], code: lis
     windows = {}
     try:
         wait_for(lambda: http_json(f"{url}/health").get("status") == "ok", 180, "the server to start")
-        for name, prompts in (("prose", prose), ("code", code)):
+        for name, prompts in (("prose", prose), ("JSON record", records)):
             for prompt in prompts:
                 http_json(f"{url}/generate", {"prompt": prompt, "max_new_tokens": 16})
             count = len(windows) + 1
@@ -172,8 +173,7 @@ def main() -> int:
         return returncode
     from hf_optim.pipeline.report import OptimizeResults
 
-    results = OptimizeResults.load(optimize_dir)
-    print(results.to_markdown())
+    results = OptimizeResults.load(optimize_dir)  # `hf-optim optimize` printed its table above
     in_budget = [r for r in results if r["status"] == "ok" and r["name"] != "base" and r.get("within_budget")]
     chosen = min(in_budget, key=lambda r: r["size_bytes"]) if in_budget else results["int8"]
     variant = Path(chosen["folder"])
@@ -187,19 +187,19 @@ def main() -> int:
     print("[demo] 3/4 dry run: the files above would go to the Hub in one commit (nothing was sent)")
 
     print(f"\n[demo] $ hf-optim serve {variant} --reference-profile {variant / 'reference_profile.npz'} ...")
-    prose, code = prose_prompts(heldout, SERVE_WINDOW), code_prompts(SERVE_WINDOW)
-    windows = serve_and_watch(variant, output_dir, prose, code, env)
+    prose, records = prose_prompts(corpus, SERVE_WINDOW), json_record_prompts(SERVE_WINDOW)
+    windows = serve_and_watch(variant, output_dir, prose, records, env)
     for name, result in windows.items():
         print(f"[demo] window of {result['n']} {name} prompts: drift={result['drift']}; "
               f"alerts: {', '.join(result['alerts']) or 'none'}")
-    shifted = output_dir / "code_prompts.txt"
-    shifted.write_text("\n".join(p.replace("\n", " ") for p in code) + "\n")
+    shifted = output_dir / "json_records.txt"
+    shifted.write_text("\n".join(records) + "\n")
     check = subprocess.run(hf_optim_command(
         "monitor", "check", "--profile", str(variant / "reference_profile.npz"), "--texts", str(shifted), "--json"),
         env=env, capture_output=True, text=True, check=True)
     print(f"[demo] $ hf-optim monitor check --profile ... --texts {shifted} --json -> "
           f"drift={json.loads(check.stdout)['drift']}")
-    print(f"[demo] 4/4 served and monitored in {time.perf_counter() - start:.0f} s since the start")
+    print(f"[demo] 4/4 served and monitored; the whole demo took {time.perf_counter() - start:.0f} s")
 
     print("\n[demo] artifacts")
     print(f"  model (Hugging Face folder):   {train_dir / 'model'}")

@@ -243,6 +243,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # four CLI processes, each importing torch and loading MiniLM
 def test_cli_fit_reference_and_check_end_to_end(tmp_path):
     reference = tmp_path / "reference.txt"
     reference.write_text("\n".join(REFERENCE[:40]) + "\n")
