@@ -22,6 +22,7 @@ documentation when that is absent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -143,33 +144,42 @@ def serving_section(texts: list[str], args: argparse.Namespace) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     profile = ReferenceProfile.fit(reference, str(STORIES260K), embeddings=False, model=served.model,
                                    numeric_features=quality).save(workdir / "profile.npz")
-    settings = {
+    lexical_profile = ReferenceProfile.fit(reference, str(STORIES260K), embeddings=False).save(workdir / "lexical.npz")
+    monitored = {"window_size": window, "window_seconds": None}
+    settings = {  # quality = one teacher-forced pass of the served model over each window (prompt + output)
         "off": {"monitoring": False},
-        "on": {"reference_profile": str(profile), "window_size": window, "window_seconds": None,
-               "traffic_log": str(workdir / "traffic.jsonl")},
+        "on, lexical": {"reference_profile": str(lexical_profile), "traffic_log": str(workdir / "lexical.jsonl"),
+                        **monitored},
+        "on, lexical + quality": {"reference_profile": str(profile), "traffic_log": str(workdir / "traffic.jsonl"),
+                                  **monitored},
     }
     latencies: dict[str, list[float]] = {name: [] for name in settings}
-    with BackgroundServer(create_app(STORIES260K, **settings["off"]), port=_free_port()) as off_url, \
-            BackgroundServer(create_app(STORIES260K, **settings["on"]), port=_free_port()) as on_url:
-        urls = {"off": off_url, "on": on_url}
+    with contextlib.ExitStack() as running:
+        urls = {name: running.enter_context(BackgroundServer(create_app(STORIES260K, **config), port=_free_port()))
+                for name, config in settings.items()}
         blocks = [prompts[i:: args.serving_blocks] for i in range(args.serving_blocks)]
-        for index, block in enumerate(blocks):  # alternate who goes first: neither always follows the other
-            for name in (["off", "on"] if index % 2 == 0 else ["on", "off"]):
+        for index, block in enumerate(blocks):  # rotate who goes first: no setting always follows another
+            names = list(settings)
+            for name in names[index % len(names):] + names[: index % len(names)]:
                 latencies[name] += _timed_requests(urls[name], block, new_tokens)
         import httpx
 
-        collector = httpx.get(f"{on_url}/monitoring").json()["collector"]
+        collectors = {name: httpx.get(f"{urls[name]}/monitoring").json()["collector"] for name in settings
+                      if name != "off"}
     mean = {name: statistics.fmean(values) for name, values in latencies.items()}
     p50 = {name: statistics.median(values) for name, values in latencies.items()}
-    added_mean = 100 * (mean["on"] - mean["off"]) / mean["off"]
-    added_p50 = 100 * (p50["on"] - p50["off"]) / p50["off"]
     common = f"{len(prompts)} requests each, {new_tokens} new tokens"
-    on_row = row(section, "requests/s, monitoring on", 1 / mean["on"], round(1 / mean["off"] / 1.02, 2), 1,
-                 f"added latency {added_mean:+.1f} % mean, {added_p50:+.1f} % p50 (goal <= 2 %); "
-                 f"{collector['windows']} windows of {window}, {collector['dropped']} dropped")
-    on_row.update(added_latency_mean_pct=round(added_mean, 2), added_latency_p50_pct=round(added_p50, 2),
-                  mean_latency_s=mean, p50_latency_s=p50)
-    return [row(section, "requests/s, monitoring off", 1 / mean["off"], None, 1, common), on_row]
+    rows = [row(section, "requests/s, monitoring off", 1 / mean["off"], None, 1, common)]
+    for name, collector in collectors.items():
+        added_mean = 100 * (mean[name] - mean["off"]) / mean["off"]
+        added_p50 = 100 * (p50[name] - p50["off"]) / p50["off"]
+        on_row = row(section, f"requests/s, monitoring {name}", 1 / mean[name], round(1 / mean["off"] / 1.02, 2), 1,
+                     f"added latency {added_mean:+.1f} % mean, {added_p50:+.1f} % p50 (goal <= 2 %); "
+                     f"{collector['windows']} windows of {window}, {collector['dropped']} dropped")
+        on_row.update(added_latency_mean_pct=round(added_mean, 2), added_latency_p50_pct=round(added_p50, 2),
+                      mean_latency_s=mean[name], p50_latency_s=p50[name])
+        rows.append(on_row)
+    return rows
 
 
 def _free_port() -> int:

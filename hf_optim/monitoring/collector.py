@@ -194,6 +194,7 @@ class TrafficCollector:
 
     # --- worker side ---
     def _run(self) -> None:
+        _lower_thread_priority()
         while True:
             try:
                 sample = self._queue.get(timeout=self._poll_interval())
@@ -251,3 +252,11 @@ class TrafficCollector:
                 self.counts["errors"] += 1
             logger.exception("monitoring handler %r failed", handler)
             return None
+
+
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Let the kernel prefer request threads over this one when they share cores (Linux: per-thread nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not permitted: monitoring still works, just not deprioritised
+        pass
