@@ -8,8 +8,9 @@ only), size on disk, speed relative to PyTorch fp32 eager, and how close decode 
 (measured copy bandwidth / bytes of weights read per token: every weight but the input-embedding table, of which a
 step reads one row). JSON, Markdown and a plot.
 
-ONNX Runtime rows run with ``--threads`` intra-op threads; ``-nospin`` rows also switch off ONNX Runtime's
-busy-waiting worker threads, which decides the speed when other processes share the cores. TFLite rows (fp32 and
+ONNX Runtime rows run with ``--threads`` intra-op threads whose idle workers sleep (hf_optim's default); the
+``-spin`` row lets them busy-wait (ONNX Runtime's default), which decides the speed when other processes share
+the cores. TFLite rows (fp32 and
 dynamic int8, when litert-torch is installed) have no KV cache: each new token recomputes the fixed-length window.
 
     python scripts/bench_inference.py [--models stories260K,llama-50m] [--rows eager,ort-fp32,ort-int8] [--threads 2]
@@ -72,7 +73,7 @@ def build_rows(
     """
     onnx_dir = workdir / "onnx-fp32"
 
-    def load(path: Path, spinning: bool = True):
+    def load(path: Path, spinning: bool = False):
         return hf_optim.OnnxCausalLM.from_pretrained(path, num_threads=threads, allow_spinning=spinning)
 
     def eager():
@@ -87,12 +88,12 @@ def build_rows(
         hf_optim.export_onnx(model, onnx_dir)
         return load(onnx_dir), onnx_dir
 
-    def ort_variant(name: str, build: Callable[[Path, Path], object], spinning: bool = True):
+    def ort_variant(name: str, build: Callable[[Path, Path], object], spinning: bool = False):
         def make():
             if not onnx_dir.exists():
                 hf_optim.export_onnx(model, onnx_dir)
             out = workdir / name
-            if not out.exists():  # a -nospin row reuses its spinning sibling's folder
+            if not out.exists():  # a -spin row reuses its sibling's folder
                 build(onnx_dir, out)
             return load(out, spinning), out
 
@@ -114,7 +115,7 @@ def build_rows(
         "ort-fp32": ort_fp32,
         "ort-O2": ort_variant("ort-O2", lambda src, dst: hf_optim.optimize_onnx(src, dst, level="O2")),
         "ort-int8": ort_variant("ort-int8", int8),
-        "ort-int8-nospin": ort_variant("ort-int8", int8, spinning=False),
+        "ort-int8-spin": ort_variant("ort-int8", int8, spinning=True),
         "ort-int4": ort_variant("ort-int4", lambda src, dst: hf_optim.quantize_onnx(src, dst, mode="int4")),
     }
     if tflite_length is not None:

@@ -243,9 +243,11 @@ def test_generate_stops_at_eos_and_pads_finished_rows_like_pytorch(exported):
 
 def test_session_options(exported):
     _, folder, _ = exported("llama")
-    runtime = OnnxCausalLM.from_pretrained(folder / "export", num_threads=2, allow_spinning=False)
+    runtime = OnnxCausalLM.from_pretrained(folder / "export", num_threads=2)
     options = runtime.session.get_session_options()
     assert options.intra_op_num_threads == 2
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # threads sleep by default
+    spinning = OnnxCausalLM.from_pretrained(folder / "export", num_threads=2, allow_spinning=True)
+    assert spinning.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
     with pytest.raises(ConfigError, match="num_threads=0"):
         OnnxCausalLM.from_pretrained(folder / "export", num_threads=0)
