@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from hf_optim.core.atomic import write_file_atomically
 from hf_optim.core.errors import ConfigError, HfOptimError
 
 logger = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ def build_model_card(
         library_name={"onnx": "onnx", "tflite": "tflite"}.get(info["format"], "transformers"),
         tags=_tags(info), pipeline_tag="text-generation",
     )
-    title = name or (recipe or {}).get("name") or variant_dir.name  # a staging folder's name is no title
+    title = name or (recipe or {}).get("name") or variant_dir.name
     techniques = " → ".join(str(s.get("method")) for s in info["steps"] if s.get("method")) or "no compression step"
     origin = f"derived from `{base_model}` ({info['relation']})" if base_model else "with no recorded base model"
     body = [
@@ -473,7 +474,4 @@ def update_model_card(
         if recipe is not None:
             text = _replace_section(text, "recipe", _recipe_section([], recipe))
         card.text = text
-    staging = path.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
-    card.save(staging)
-    os.replace(staging, path)
-    return path
+    return write_file_atomically(path, str(card).encode("utf-8"))  # what ModelCard.save writes

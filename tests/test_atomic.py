@@ -23,3 +23,12 @@ def test_staged_directory_replaces_the_target_only_on_success(tmp_path):
         (staging / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folder left behind
+
+
+def test_staged_directory_builds_under_the_final_name(tmp_path):
+    # a model card's title and recorded paths read the folder's name while it is being built
+    target = tmp_path / "my-variant"
+    with staged_directory(target) as staging:
+        assert staging.name == "my-variant" and staging.is_dir() and not any(staging.iterdir())
+        assert staging.parent.parent == tmp_path and staging.parent.name.startswith(".my-variant.")
+    assert [p.name for p in tmp_path.iterdir()] == ["my-variant"]

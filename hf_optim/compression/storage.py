@@ -163,7 +163,7 @@ def save_optimized(
             "metrics": metrics or {},
         }
         (staging / METADATA_FILE).write_text(json.dumps(record, indent=2))
-        build_model_card(staging, name=output_dir.name).save(staging / CARD_FILE)
+        build_model_card(staging).save(staging / CARD_FILE)
     return output_dir
 
 

@@ -31,17 +31,22 @@ def replace_directory(staging: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``target``; on success it replaces ``target``, on error it is removed."""
+    """Yield an empty folder named like ``target`` inside a hidden folder beside it; on success it replaces
+    ``target``, on error it is removed.
+
+    The staging folder already has the final name, so whatever reads a name from it while it is being built (a
+    model card's title, a recorded path's last part) gets the right one.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}"
-    staging.mkdir()  # plain mkdir keeps the user's umask (tempfile.mkdtemp would make the folder private)
+    parent = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}"
+    staging = parent / target.name
+    staging.mkdir(parents=True)  # plain mkdir keeps the user's umask (tempfile.mkdtemp would make it private)
     try:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_directory(staging, target)
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def write_file_atomically(path: str | os.PathLike, data: bytes) -> Path:

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_optim.core.atomic import replace_directory
+from hf_optim.core.atomic import staged_directory
 from hf_optim.core.errors import ConfigError
 from hf_optim.pipeline.agreement import agreement_windows, combine, token_agreement
 from hf_optim.pipeline.recipe import BASE_NAME, OptimizeRecipe, resolve_recipe
@@ -45,22 +44,6 @@ from hf_optim.pipeline.variants import (
 
 logger = logging.getLogger(__name__)
 PROFILE_FILE = "reference_profile.npz"
-
-
-@contextlib.contextmanager
-def _staged_variant(target: Path) -> Iterator[Path]:
-    """Yield ``<hidden folder>/<target name>`` to build in; on success it replaces ``target``, on error it is removed.
-
-    Unlike :func:`hf_optim.core.atomic.staged_directory`, the folder being built already has its final name, which
-    the model card's title and any recorded path take from it.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    parent = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    try:
-        yield parent / target.name
-        replace_directory(parent / target.name, target)
-    finally:
-        shutil.rmtree(parent, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -219,7 +202,7 @@ def _run_variant(variant: dict[str, Any], target: Path, context: dict[str, Any])
         return {**row, "status": "skipped", "reason": reason, "folder": None}
     started = time.perf_counter()
     try:
-        with _staged_variant(target) as staging:
+        with staged_directory(target) as staging:
             torch.manual_seed(recipe.seed)
             build_variant(
                 context["base"], context["tokenizer"], variant["steps"], staging, context["base_model_id"],
